@@ -1,0 +1,73 @@
+"""Connect to a dask.distributed cluster: an existing one, or a local one sized for this machine.
+
+``connect(None)`` starts a ``LocalCluster`` (or dask-cuda's ``LocalCUDACluster``,
+one worker per GPU, where GPUs and dask-cuda are present); ``connect("tcp://...")``
+joins a running scheduler (dask-jobqueue on SLURM, a dask-cuda node, ...);
+``connect(client)`` uses a ``Client`` the caller made. Threads are never
+oversubscribed: each worker runs one task at a time and torch gets
+``cores // workers`` threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Iterator
+
+from distributed import Client, LocalCluster
+
+log = logging.getLogger(__name__)
+
+
+def gpu_count() -> int:
+    """GPUs visible to this process (0 without torch/CUDA)."""
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # pragma: no cover - broken CUDA installs
+        return 0
+
+
+def torch_threads_per_worker(n_workers: int) -> int:
+    """Torch threads for each of ``n_workers`` one-task workers on this machine."""
+    return max(1, (os.cpu_count() or 1) // max(1, n_workers))
+
+
+def local_cluster(*, n_workers: int | None = None, memory_limit: str | None = "auto",
+                  dashboard: bool = True) -> LocalCluster:
+    """A cluster for this machine: one worker per GPU, else ``min(2, cores)`` CPU workers."""
+    gpus = gpu_count()
+    if gpus:
+        try:
+            from dask_cuda import LocalCUDACluster
+
+            log.info("starting LocalCUDACluster with %d GPU workers", gpus)
+            return LocalCUDACluster(threads_per_worker=1, memory_limit=memory_limit,
+                                    dashboard_address=":0" if dashboard else None)
+        except ImportError:
+            log.info("dask-cuda not installed; pinning one LocalCluster worker per GPU")
+    n = n_workers or gpus or min(2, os.cpu_count() or 1)
+    return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, memory_limit=memory_limit,
+                        dashboard_address=":0" if dashboard else None)
+
+
+@contextlib.contextmanager
+def connect(scheduler: str | Client | None = None, *, n_workers: int | None = None,
+            memory_limit: str | None = "auto") -> Iterator[Client]:
+    """Yield a client for ``scheduler`` (address, Client, or None for a local cluster).
+
+    Clusters started here are closed on exit; given clients and schedulers are left running.
+    """
+    if isinstance(scheduler, Client):
+        yield scheduler
+        return
+    if scheduler:
+        with Client(scheduler) as client:
+            log.info("connected to %s (dashboard %s)", scheduler, client.dashboard_link)
+            yield client
+        return
+    with local_cluster(n_workers=n_workers, memory_limit=memory_limit) as cluster, Client(cluster) as client:
+        log.info("started %s (dashboard %s)", cluster, client.dashboard_link)
+        yield client

@@ -1,0 +1,219 @@
+"""Convert image stacks to OME-Zarr in bounded memory.
+
+Sources, each behind the same tiny contract (``shape``, ``dtype``, ``read(z0, z1)``):
+a multi-page TIFF, a folder of PNG/TIFF slices, an HDF5 dataset
+(``file.h5:dataset``), a ``.npy`` file (memory-mapped), or a Zarr/OME-Zarr volume.
+Conversion reads one output chunk-row of slices at a time, so a 100 GB TIFF stack
+converts with memory for ``chunk_z`` slices.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .degrade import check_finite
+from .errors import InputError
+from .volume import Geometry, check_dtype, create_volume, default_chunks, finalize_volume, open_volume
+
+log = logging.getLogger(__name__)
+
+SLICE_SUFFIXES = (".tif", ".tiff", ".png")
+
+
+@dataclass
+class StackSource:
+    """A 3D stack readable in z-slabs."""
+
+    description: str
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+    read: Callable[[int, int], np.ndarray]
+    voxel_size: tuple[float, float, float] | None = None
+    translation: tuple[float, float, float] | None = None
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def _check_3d(shape: Sequence[int], what: str) -> tuple[int, int, int]:
+    if len(shape) != 3:
+        raise InputError(
+            f"{what} has shape {tuple(shape)} ({len(shape)}D); d2r needs one 3D (z, y, x) stack"
+        )
+    if min(shape) < 1:
+        raise InputError(f"{what} is empty (shape {tuple(shape)})")
+    return tuple(int(n) for n in shape)  # type: ignore[return-value]
+
+
+def _tiff_source(path: Path) -> StackSource:
+    import tifffile
+
+    tif = tifffile.TiffFile(path)
+    series = tif.series[0]
+    shape = tuple(s for s in series.shape if s != 1) if len(series.shape) > 3 else series.shape
+    if len(shape) == 2:
+        shape = (1, *shape)
+    shape = _check_3d(shape, str(path))
+    pages = series.pages
+    if len(pages) == shape[0]:
+
+        def read(z0: int, z1: int) -> np.ndarray:
+            return np.stack([pages[i].asarray().reshape(shape[1:]) for i in range(z0, z1)])
+
+    else:  # one page holds the volume (rare): it can only be read whole
+        log.warning("%s stores its volume in %d page(s); reading it whole", path, len(pages))
+        whole = series.asarray().reshape(shape)
+
+        def read(z0: int, z1: int) -> np.ndarray:
+            return whole[z0:z1]
+
+    return StackSource(f"TIFF {path}", shape, np.dtype(series.dtype), read)
+
+
+def _slices_source(folder: Path) -> StackSource:
+    files = sorted(
+        (f for f in folder.iterdir() if f.suffix.lower() in SLICE_SUFFIXES), key=lambda f: _natural_key(f.name)
+    )
+    if not files:
+        raise InputError(f"{folder} holds no {'/'.join(SLICE_SUFFIXES)} slices; point at a folder of 2D images")
+
+    def load(f: Path) -> np.ndarray:
+        if f.suffix.lower() == ".png":
+            from PIL import Image
+
+            with Image.open(f) as im:
+                return np.asarray(im)
+        import tifffile
+
+        return tifffile.imread(f)
+
+    first = load(files[0])
+    if first.ndim != 2:
+        raise InputError(f"{files[0]} has shape {first.shape}; slices must be 2D greyscale images")
+
+    def read(z0: int, z1: int) -> np.ndarray:
+        out = []
+        for f in files[z0:z1]:
+            img = load(f)
+            if img.shape != first.shape:
+                raise InputError(f"{f} has shape {img.shape}, unlike {files[0].name} {first.shape}")
+            out.append(img)
+        return np.stack(out)
+
+    return StackSource(f"{len(files)} slices in {folder}", (len(files), *first.shape), first.dtype, read)
+
+
+def _hdf5_source(spec: str) -> StackSource:
+    filename, _, dataset = spec.partition(":")
+    try:
+        import h5py
+    except ImportError as exc:
+        raise InputError("reading HDF5 needs h5py: pip install 'd2r-dask[hdf5]'") from exc
+    if not Path(filename).exists():
+        raise InputError(f"{filename}: no such file; check the path")
+    f = h5py.File(filename, "r")
+    if not dataset or dataset not in f:
+        names: list[str] = []
+        f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+        raise InputError(f"name the dataset as {filename}:DATASET; datasets in the file: {', '.join(names) or 'none'}")
+    dset = f[dataset]
+    shape = _check_3d(dset.shape, spec)
+    return StackSource(f"HDF5 {spec}", shape, dset.dtype, lambda z0, z1: dset[z0:z1])
+
+
+def _npy_source(path: Path) -> StackSource:
+    arr = np.load(path, mmap_mode="r")
+    return StackSource(f"NumPy {path}", _check_3d(arr.shape, str(path)), arr.dtype, lambda z0, z1: np.asarray(arr[z0:z1]))
+
+
+def _zarr_source(path: Path, voxel_size: Sequence[float] | None) -> StackSource:
+    vol = open_volume(path, voxel_size=voxel_size)
+    data = vol.data
+    return StackSource(
+        f"Zarr {path}",
+        tuple(vol.shape),  # type: ignore[arg-type]
+        data.dtype,
+        lambda z0, z1: data[z0:z1].compute(),
+        voxel_size=vol.attrs["voxel_size"],
+        translation=vol.attrs["translation"],
+    )
+
+
+def open_source(spec: str | os.PathLike, *, voxel_size: Sequence[float] | None = None) -> StackSource:
+    """Pick the reader for ``spec`` by what it is on disk."""
+    text = str(spec)
+    if ".h5:" in text or ".hdf5:" in text or text.endswith((".h5", ".hdf5")):
+        return _hdf5_source(text)
+    path = Path(text)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or directory; check the path")
+    suffix = path.suffix.lower()
+    if path.is_dir() and any((path / m).exists() for m in ("zarr.json", ".zarray", ".zgroup")):
+        return _zarr_source(path, voxel_size)
+    if path.is_dir():
+        return _slices_source(path)
+    if suffix in (".tif", ".tiff"):
+        return _tiff_source(path)
+    if suffix == ".npy":
+        return _npy_source(path)
+    raise InputError(
+        f"{path}: unsupported input; give a TIFF stack, a folder of PNG/TIFF slices, "
+        "file.h5:dataset, a .npy file or a Zarr volume"
+    )
+
+
+def convert(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    voxel_size: Sequence[float] | None = None,
+    translation: Sequence[float] = (0.0, 0.0, 0.0),
+    chunks: Sequence[int] | None = None,
+    levels: int = 1,
+    overwrite: bool = False,
+    compression: str = "zstd",
+    progress: bool = False,
+) -> Path:
+    """Convert a stack to an OME-Zarr image, reading ``chunks[0]`` slices at a time.
+
+    ``voxel_size`` (nm, z y x) is required unless the source carries one (Zarr).
+    Float64 input is stored as float32; NaN/inf input is refused.
+    """
+    src = open_source(source, voxel_size=voxel_size)
+    if voxel_size is None and src.voxel_size is None:
+        raise InputError("give the voxel size in nm: --voxel-size Z Y X (e.g. --voxel-size 40 4 4)")
+    dtype = check_dtype(src.dtype, src.description)
+    geometry = Geometry(
+        tuple(voxel_size or src.voxel_size),  # type: ignore[arg-type]
+        tuple(src.translation if src.translation and translation == (0.0, 0.0, 0.0) else translation),  # type: ignore[arg-type]
+    )
+    chunks = tuple(chunks or default_chunks(src.shape, dtype))
+    arr = create_volume(
+        output,
+        shape=src.shape,
+        dtype=dtype,
+        geometry=geometry,
+        chunks=chunks,
+        overwrite=overwrite,
+        inputs=[str(source).split(":")[0]],
+        compression=compression,
+        name=Path(str(source)).stem,
+        metadata={"converted_from": src.description},
+    )
+    step = chunks[0]
+    for z0 in tqdm(range(0, src.shape[0], step), desc="convert", unit="slab", disable=not progress):
+        slab = np.asarray(src.read(z0, min(z0 + step, src.shape[0])))
+        check_finite(slab, f"{src.description} slices {z0}..")
+        arr[z0 : z0 + slab.shape[0]] = slab.astype(dtype, copy=False)
+    finalize_volume(output, levels=levels)
+    log.info("converted %s -> %s", src.description, output)
+    return Path(output)

@@ -1,0 +1,32 @@
+"""User-facing errors: what went wrong and how to fix it.
+
+Every error a user can cause with bad input derives from :class:`D2RError`,
+so the CLI can print the message without a traceback and exit non-zero,
+while programming errors still surface as ordinary exceptions.
+"""
+
+from __future__ import annotations
+
+
+class D2RError(Exception):
+    """Base class of errors caused by the user's input or configuration."""
+
+
+class InputError(D2RError, ValueError):
+    """An input volume, path or parameter is unusable (message says the fix)."""
+
+
+class OutputExistsError(D2RError, FileExistsError):
+    """The output already exists and ``overwrite`` was not given."""
+
+
+class IncompleteVolumeError(D2RError):
+    """A store was left by an interrupted run and is not a finished volume."""
+
+
+class CheckpointError(D2RError):
+    """A model checkpoint is missing, corrupt or does not match the run."""
+
+
+class ResumeMismatchError(D2RError):
+    """An output holds partial results of a different layout, model or input."""

@@ -1,0 +1,520 @@
+"""Read and write volumes: OME-Zarr (NGFF 0.5 on Zarr v3, 0.4 on Zarr v2) and plain Zarr.
+
+The only module that imports zarr. A volume opens as a lazy
+:class:`xarray.DataArray` over a Dask array with dims ``("z", "y", "x")`` and
+coordinates in nanometres taken from the NGFF ``scale``/``translation``.
+
+Writing is crash-safe by construction::
+
+    create_volume()  -> group attrs {"d2r": {"complete": false}}, array "0" (empty)
+    ... chunks written, each exactly once ...
+    finalize_volume() -> pyramid levels, then NGFF "multiscales" + complete=true LAST
+
+so a store left by an interrupted run carries no NGFF image metadata, is refused by
+:func:`open_volume`, and never looks finished to us or to other readers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from . import __version__
+from .errors import IncompleteVolumeError, InputError, OutputExistsError
+
+log = logging.getLogger(__name__)
+
+AXES = ("z", "y", "x")
+_ZARR_MARKERS = ("zarr.json", ".zgroup", ".zarray")
+SUPPORTED_DTYPES = (np.dtype("uint8"), np.dtype("uint16"), np.dtype("float32"))
+_UNIT_TO_NM = {
+    "angstrom": 0.1,
+    "nanometer": 1.0,
+    "micrometer": 1e3,
+    "millimeter": 1e6,
+    "meter": 1e9,
+}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Physical placement of a volume: voxel size and origin, both in nm, ``(z, y, x)``."""
+
+    voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    translation: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def __post_init__(self) -> None:
+        vs = tuple(float(v) for v in self.voxel_size)
+        tr = tuple(float(v) for v in self.translation)
+        if len(vs) != 3 or len(tr) != 3:
+            raise InputError("voxel size and translation need three values (z, y, x)")
+        if not all(np.isfinite(vs)) or min(vs) <= 0:
+            raise InputError(f"voxel size must be positive and finite, got {vs}")
+        object.__setattr__(self, "voxel_size", vs)
+        object.__setattr__(self, "translation", tr)
+
+    @classmethod
+    def of(cls, arr: xr.DataArray) -> Geometry:
+        """The geometry stored in a DataArray opened by :func:`open_volume`."""
+        return cls(tuple(arr.attrs["voxel_size"]), tuple(arr.attrs["translation"]))
+
+
+# --- reading ---------------------------------------------------------------------------
+
+
+def check_dtype(dtype: Any, what: str = "volume") -> np.dtype:
+    """Return the working dtype for ``dtype`` or raise naming the fix."""
+    dtype = np.dtype(dtype)
+    if dtype == np.float64:
+        return np.dtype("float32")
+    if dtype not in SUPPORTED_DTYPES:
+        raise InputError(
+            f"{what} has dtype {dtype}, which d2r does not support; convert it to uint8, "
+            "uint16 or float32 (e.g. `d2r convert` on a rescaled copy)"
+        )
+    return dtype
+
+
+def _open_node(path: str | os.PathLike) -> zarr.Array | zarr.Group:
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file or directory; check the path")
+    try:
+        return zarr.open(str(p), mode="r")
+    except Exception as exc:  # zarr raises several types for "not a store"
+        raise InputError(
+            f"{p} is not a Zarr array or OME-Zarr image ({exc.__class__.__name__}: {exc}); "
+            "convert other formats first with `d2r convert`"
+        ) from exc
+
+
+def _multiscales(attrs: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    if "ome" in attrs and "multiscales" in attrs["ome"]:
+        return attrs["ome"]["multiscales"][0], str(attrs["ome"].get("version", "0.5"))
+    if "multiscales" in attrs:
+        ms = attrs["multiscales"][0]
+        return ms, str(ms.get("version", "0.4"))
+    return None, None
+
+
+def _transforms(items: Sequence[Mapping[str, Any]], ndim: int) -> tuple[np.ndarray, np.ndarray]:
+    scale, translation = np.ones(ndim), np.zeros(ndim)
+    for item in items or ():
+        if item.get("type") == "scale":
+            scale = scale * np.asarray(item["scale"], dtype=float)
+        elif item.get("type") == "translation":
+            translation = translation + np.asarray(item["translation"], dtype=float)
+    return scale, translation
+
+
+def _spatial_axes(axes: Sequence[Any], shape: Sequence[int], path: Path) -> list[int]:
+    """Indices of the z, y, x axes; other axes must have size 1."""
+    names = [a["name"] if isinstance(a, Mapping) else str(a) for a in axes]
+    spatial = [names.index(n) if n in names else -1 for n in AXES]
+    if -1 in spatial:
+        raise InputError(f"{path}: axes {names} lack one of z, y, x; d2r needs a 3D (z, y, x) volume")
+    for i, n in enumerate(names):
+        if i not in spatial and shape[i] != 1:
+            raise InputError(
+                f"{path}: axis {n!r} has size {shape[i]}; d2r works on one 3D channel, "
+                "select it first (e.g. write that channel to its own store)"
+            )
+    return spatial
+
+
+def _parent_image(path: Path) -> tuple[Path, int] | None:
+    """``(image, level)`` if the array at ``path`` is a level of an OME-Zarr image."""
+    try:
+        group = zarr.open_group(str(path.resolve().parent), mode="r")
+    except Exception:
+        return None
+    attrs = group.attrs.asdict()
+    if attrs.get("d2r", {}).get("complete") is False:
+        raise IncompleteVolumeError(
+            f"{path} belongs to {path.parent}, which was left by an interrupted or running d2r job "
+            "and is incomplete; rerun the command that made it (it resumes) or delete it"
+        )
+    ms, _ = _multiscales(attrs)
+    paths = [str(d.get("path")) for d in ms["datasets"]] if ms else []
+    return (path.parent, paths.index(path.name)) if path.name in paths else None
+
+
+def open_volume(
+    path: str | os.PathLike,
+    *,
+    level: int = 0,
+    voxel_size: Sequence[float] | None = None,
+) -> xr.DataArray:
+    """Open a volume lazily as a ``(z, y, x)`` DataArray with nm coordinates.
+
+    ``path`` is an OME-Zarr image group (NGFF 0.4 or 0.5), an array inside one, or a
+    plain 3D Zarr array. ``voxel_size`` overrides (or, for plain arrays, supplies)
+    the voxel size in nm. Attributes: ``voxel_size``, ``translation`` (nm),
+    ``source`` (the path) and ``ngff_version`` (None for plain arrays).
+    """
+    path = Path(path)
+    node = _open_node(path)
+    version = None
+    scale = translation = None
+    if isinstance(node, zarr.Group):
+        attrs = node.attrs.asdict()
+        d2r = attrs.get("d2r", {})
+        if d2r.get("complete") is False:
+            raise IncompleteVolumeError(
+                f"{path} was left by an interrupted or running d2r job and is incomplete; "
+                "rerun the command that made it (it resumes) or delete it"
+            )
+        ms, version = _multiscales(attrs)
+        if ms is None:
+            raise InputError(
+                f"{path} is a Zarr group without OME-Zarr 'multiscales' metadata; "
+                f"give the path of the array inside it (e.g. {path}/0) or convert it with `d2r convert`"
+            )
+        datasets = ms["datasets"]
+        if not 0 <= level < len(datasets):
+            raise InputError(f"{path}: level {level} does not exist (it has {len(datasets)} levels)")
+        arr = node[datasets[level]["path"]]
+        ndim = arr.ndim
+        axes = ms.get("axes") or list(AXES[-ndim:])
+        scale, translation = _transforms(datasets[level].get("coordinateTransformations", []), ndim)
+        s2, t2 = _transforms(ms.get("coordinateTransformations", []), ndim)
+        scale, translation = scale * s2, translation * s2 + t2
+        units = [a.get("unit") if isinstance(a, Mapping) else None for a in axes]
+    else:
+        parent = _parent_image(path)
+        if parent is not None:  # an array of an OME-Zarr image: take the image's geometry
+            return open_volume(parent[0], level=parent[1], voxel_size=voxel_size)
+        arr = node
+        ndim = arr.ndim
+        axes = list(arr.metadata.dimension_names or ()) if arr.metadata.zarr_format == 3 else []
+        if not axes or None in axes:  # unnamed: the last three axes are (z, y, x)
+            axes = [f"dim_{i}" for i in range(ndim - 3)] + list(AXES[-ndim:])
+        units = [None] * ndim
+    if ndim < 3:
+        raise InputError(f"{path} has {ndim} dimension(s); d2r needs a 3D (z, y, x) volume")
+    spatial = _spatial_axes(axes, arr.shape, path)
+    dtype = check_dtype(arr.dtype, str(path))
+
+    data = da.from_zarr(arr)
+    index = tuple(slice(None) if i in spatial else 0 for i in range(ndim))
+    data = data[index]
+    order = sorted(spatial)
+    data = data.transpose([order.index(i) for i in spatial])
+    if data.dtype != dtype:
+        data = data.astype(dtype)
+
+    if scale is not None:
+        to_nm = []
+        for i in spatial:
+            unit = units[i]
+            if unit is not None and unit not in _UNIT_TO_NM:
+                raise InputError(f"{path}: unsupported spatial unit {unit!r}")
+            to_nm.append(_UNIT_TO_NM.get(unit, 1.0) if unit else 1.0)
+        vs = tuple(float(scale[i] * f) for i, f in zip(spatial, to_nm))
+        tr = tuple(float(translation[i] * f) for i, f in zip(spatial, to_nm))
+    else:
+        vs, tr = (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)
+        if voxel_size is None:
+            log.warning("%s has no voxel size; assuming 1 nm (pass voxel_size to set it)", path)
+    if voxel_size is not None:
+        vs = Geometry(tuple(voxel_size)).voxel_size
+    return as_dataarray(data, Geometry(vs, tr), source=str(path), ngff_version=version)
+
+
+def as_dataarray(
+    data: da.Array | np.ndarray,
+    geometry: Geometry,
+    *,
+    source: str | None = None,
+    ngff_version: str | None = None,
+) -> xr.DataArray:
+    """Wrap a ``(z, y, x)`` array with nm coordinates for ``geometry``."""
+    if data.ndim != 3:
+        raise InputError(f"expected a 3D (z, y, x) volume, got {data.ndim} dimension(s)")
+    coords = {
+        ax: t + s * np.arange(n, dtype=np.float64)
+        for ax, n, s, t in zip(AXES, data.shape, geometry.voxel_size, geometry.translation)
+    }
+    return xr.DataArray(
+        data,
+        dims=AXES,
+        coords=coords,
+        attrs={
+            "voxel_size": geometry.voxel_size,
+            "translation": geometry.translation,
+            "units": "nm",
+            "source": source,
+            "ngff_version": ngff_version,
+        },
+    )
+
+
+# --- writing ---------------------------------------------------------------------------
+
+
+def _same_or_inside(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or b in a.parents or a in b.parents
+
+
+def prepare_output(
+    path: str | os.PathLike, *, overwrite: bool = False, inputs: Sequence[str | os.PathLike] = ()
+) -> Path:
+    """Check that ``path`` may be written: never an input, existing only with ``overwrite``."""
+    path = Path(path)
+    for src in inputs:
+        if src is not None and _same_or_inside(path, Path(src)):
+            raise InputError(f"output {path} would overwrite the input {src}; choose another output path")
+    if path.exists():
+        if not overwrite:
+            raise OutputExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
+        if path.is_dir() and any(path.iterdir()) and not any((path / m).exists() for m in _ZARR_MARKERS):
+            raise OutputExistsError(
+                f"{path} is a non-empty folder but not a Zarr store; d2r will not delete it even with "
+                "--overwrite: choose another output path"
+            )
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return path
+
+
+def default_chunks(shape: Sequence[int], dtype: Any) -> tuple[int, int, int]:
+    """Chunks of about 1-2 MiB, as cubic as the shape allows (good for any viewing axis)."""
+    edge = 128 if np.dtype(dtype).itemsize == 1 else 96
+    return tuple(max(1, min(int(n), edge)) for n in shape)  # type: ignore[return-value]
+
+
+def _codec(compression: str) -> list[Any]:
+    if compression == "zstd":
+        return [ZstdCodec(level=3)]
+    if compression == "blosc":
+        return [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")]
+    if compression == "none":
+        return []
+    raise InputError(f"unknown compression {compression!r}; use zstd, blosc or none")
+
+
+def create_volume(
+    path: str | os.PathLike,
+    *,
+    shape: Sequence[int],
+    dtype: Any,
+    geometry: Geometry,
+    chunks: Sequence[int] | None = None,
+    shards: Sequence[int] | None = None,
+    compression: str = "zstd",
+    overwrite: bool = False,
+    inputs: Sequence[str | os.PathLike] = (),
+    name: str = "image",
+    metadata: Mapping[str, Any] | None = None,
+) -> zarr.Array:
+    """Create an (incomplete) OME-Zarr image and return its full-resolution array.
+
+    The group is marked ``complete: false`` until :func:`finalize_volume` runs.
+    ``metadata`` is stored under the group's ``d2r`` attributes (provenance,
+    configuration). ``shards`` groups chunks into larger files (Zarr v3 sharding),
+    which keeps file counts sane for terabyte volumes.
+    """
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise InputError(f"volume shape must be three positive sizes (z, y, x), got {shape}")
+    dtype = check_dtype(dtype)
+    chunks = tuple(int(c) for c in (chunks or default_chunks(shape, dtype)))
+    if len(chunks) != 3 or min(chunks) < 1:
+        raise InputError(f"chunks must be three positive sizes, got {chunks}")
+    path = prepare_output(path, overwrite=overwrite, inputs=inputs)
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    group.attrs["d2r"] = {
+        "complete": False,
+        "version": __version__,
+        "name": name,
+        "voxel_size": list(geometry.voxel_size),
+        "translation": list(geometry.translation),
+        **dict(metadata or {}),
+    }
+    return group.create_array(
+        "0",
+        shape=shape,
+        chunks=chunks,
+        shards=tuple(int(s) for s in shards) if shards else None,
+        dtype=dtype,
+        compressors=_codec(compression),
+        fill_value=0,
+        dimension_names=AXES,
+    )
+
+
+def output_array(path: str | os.PathLike) -> zarr.Array:
+    """Open the full-resolution array of a volume being written (incomplete allowed)."""
+    return zarr.open_array(str(Path(path) / "0"), mode="r+")
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a finished volume (OME metadata written, not marked incomplete)."""
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception:
+        return False
+    if isinstance(node, zarr.Array):
+        try:
+            _parent_image(Path(path))
+        except IncompleteVolumeError:
+            return False
+        return True
+    attrs = node.attrs.asdict()
+    return attrs.get("d2r", {}).get("complete", True) and _multiscales(attrs)[0] is not None
+
+
+def pyramid_factors(voxel_size: Sequence[float]) -> tuple[int, int, int]:
+    """Per-axis factor (1 or 2) for the next pyramid level: coarsen the finest axes
+    until the voxel is about isotropic, then all axes together."""
+    finest_ok = [2 * v <= max(voxel_size) * 1.001 for v in voxel_size]
+    return tuple(2 if ok else 1 for ok in finest_ok) if any(finest_ok) else (2, 2, 2)  # type: ignore[return-value]
+
+
+def finalize_volume(path: str | os.PathLike, *, levels: int = 1, min_size: int = 32) -> None:
+    """Write pyramid levels (mean downsampling), then the NGFF metadata, last.
+
+    ``levels`` counts the full-resolution level; fewer are written where a level
+    would be smaller than ``min_size`` along an axis being coarsened.
+    """
+    group = zarr.open_group(str(path), mode="r+")
+    d2r = group.attrs.asdict()["d2r"]
+    geometry = Geometry(tuple(d2r["voxel_size"]), tuple(d2r["translation"]))
+    base = group["0"]
+    datasets = [_dataset("0", geometry)]
+    src, vs, tr = base, np.array(geometry.voxel_size), np.array(geometry.translation)
+    for level in range(1, max(1, levels)):
+        f = np.array(pyramid_factors(vs))
+        new_shape = np.array(src.shape) // f
+        if np.any(new_shape[f > 1] < min_size):
+            break
+        lazy = da.from_zarr(src).astype(np.float32)
+        lazy = da.coarsen(np.mean, lazy, dict(enumerate(f)), trim_excess=True)
+        if np.issubdtype(base.dtype, np.integer):
+            lazy = da.clip(da.round(lazy), 0, np.iinfo(base.dtype).max)
+        lazy = lazy.astype(base.dtype)
+        out = group.create_array(
+            str(level),
+            shape=tuple(int(n) for n in new_shape),
+            chunks=tuple(min(c, int(n)) for c, n in zip(base.chunks, new_shape)),
+            dtype=base.dtype,
+            compressors=base.compressors,
+            fill_value=0,
+            dimension_names=AXES,
+        )
+        da.store(lazy.rechunk(out.chunks), out, lock=False)
+        tr = tr + (f - 1) * vs / 2.0  # a coarse voxel's centre is the mean of its fine centres
+        vs = vs * f
+        src = out
+        datasets.append(_dataset(str(level), Geometry(tuple(vs), tuple(tr))))
+    group.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": [
+            {
+                "name": d2r.get("name", "image"),
+                "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in AXES],
+                "datasets": datasets,
+            }
+        ],
+    }
+    group.attrs["d2r"] = {**d2r, "complete": True}
+
+
+def _dataset(path: str, geometry: Geometry) -> dict[str, Any]:
+    return {
+        "path": path,
+        "coordinateTransformations": [
+            {"type": "scale", "scale": list(geometry.voxel_size)},
+            {"type": "translation", "translation": list(geometry.translation)},
+        ],
+    }
+
+
+def write_volume(
+    path: str | os.PathLike,
+    data: da.Array | np.ndarray,
+    geometry: Geometry,
+    *,
+    chunks: Sequence[int] | None = None,
+    levels: int = 1,
+    overwrite: bool = False,
+    inputs: Sequence[str | os.PathLike] = (),
+    name: str = "image",
+    metadata: Mapping[str, Any] | None = None,
+    compression: str = "zstd",
+) -> Path:
+    """Write a whole array as a finished OME-Zarr image (chunk-aligned, then finalized)."""
+    if not isinstance(data, da.Array):
+        data = da.from_array(np.asarray(data), chunks=chunks or default_chunks(np.shape(data), data.dtype))
+    arr = create_volume(
+        path,
+        shape=data.shape,
+        dtype=data.dtype,
+        geometry=geometry,
+        chunks=chunks,
+        overwrite=overwrite,
+        inputs=inputs,
+        name=name,
+        metadata=metadata,
+        compression=compression,
+    )
+    da.store(data.rechunk(arr.chunks), arr, lock=False)
+    finalize_volume(path, levels=levels)
+    return Path(path)
+
+
+def store_size(path: str | os.PathLike) -> int:
+    """Bytes on disk under ``path``."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def describe(path: str | os.PathLike, *, sample_slices: int = 16) -> dict[str, Any]:
+    """A summary of a volume for ``d2r info``: shape, dtype, chunks, geometry, size, intensities.
+
+    The intensity summary reads at most ``sample_slices`` evenly spaced z-slices.
+    """
+    vol = open_volume(path)
+    arr = vol.data
+    n = vol.shape[0]
+    picks = np.unique(np.linspace(0, n - 1, min(n, sample_slices)).round().astype(int))
+    sample = np.asarray(arr[picks].compute(), dtype=np.float64)
+    node = zarr.open(str(path), mode="r")
+    levels = []
+    if isinstance(node, zarr.Group):
+        ms, _ = _multiscales(node.attrs.asdict())
+        levels = [node[d["path"]].shape for d in ms["datasets"]]
+    return {
+        "path": str(path),
+        "ngff_version": vol.attrs["ngff_version"],
+        "shape": tuple(vol.shape),
+        "dtype": str(vol.dtype),
+        "chunks": tuple(c[0] for c in arr.chunks),
+        "voxel_size_nm": vol.attrs["voxel_size"],
+        "translation_nm": vol.attrs["translation"],
+        "levels": levels,
+        "size_on_disk_bytes": store_size(path),
+        "uncompressed_bytes": int(np.prod(vol.shape)) * vol.dtype.itemsize,
+        "intensity_sample": {
+            "slices": len(picks),
+            "min": float(sample.min()),
+            "max": float(sample.max()),
+            "mean": float(sample.mean()),
+            "std": float(sample.std()),
+            "p1": float(np.percentile(sample, 1)),
+            "p99": float(np.percentile(sample, 99)),
+            "nonfinite": int((~np.isfinite(sample)).sum()),
+        },
+    }
