@@ -7,10 +7,11 @@ one line without a traceback, with exit status 1.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import click
 
@@ -139,6 +140,170 @@ def degrade(gt: Path, output: Path, factor: int, mode: str, blur_sigma: float, n
     write_volume(output, lr.data, Geometry.of(lr), chunks=chunks, levels=levels, overwrite=overwrite,
                  inputs=[gt], name=output.stem, metadata={"degradation": lr.attrs["degradation"], "source": str(gt)})
     click.echo(f"wrote {output}  shape {lr.shape}  voxel size {_fmt3(lr.attrs['voxel_size'])} nm")
+
+
+def cluster_options(f: Any) -> Any:
+    """--scheduler / --workers / --serial: where blockwise work runs."""
+    f = click.option("--serial", is_flag=True, help="Run blocks in this process, without a cluster (debugging).")(f)
+    f = click.option("--workers", type=int, default=None,
+                     help="Workers of the local cluster [default: one per GPU, else min(2, cores)].")(f)
+    return click.option("--scheduler", default=None, metavar="ADDRESS",
+                        help="Use a running Dask scheduler (tcp://host:8786) instead of a local cluster.")(f)
+
+
+@contextlib.contextmanager
+def _client(scheduler: str | None, workers: int | None, serial: bool) -> Iterator[Any]:
+    if serial:
+        yield None
+        return
+    from .cluster import connect
+
+    with connect(scheduler, n_workers=workers) as client:
+        click.echo(f"dask dashboard: {client.dashboard_link}", err=True)
+        yield client
+
+
+def _train_options(f: Any) -> Any:
+    for opt in reversed([
+        click.option("--steps", type=int, default=2000, help="Training steps."),
+        click.option("--batch-size", type=int, default=4),
+        click.option("--lr", "learning_rate", type=float, default=None,
+                     help="AdamW learning rate [default: 4e-5 for the full restorer, else 2e-4]."),
+        click.option("--ema", type=float, default=0.995, help="EMA decay of the saved weights."),
+        click.option("--checkpoint-every", type=int, default=250),
+        click.option("--val-every", type=int, default=250),
+        click.option("--seed", type=int, default=0),
+        click.option("--device", default=None, help="cpu, cuda, cuda:1 [default: a GPU if present]."),
+        click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out."),
+        _overwrite_option,
+    ]):
+        f = opt(f)
+    return f
+
+
+def _train_config(steps: int, batch_size: int, learning_rate: float | None, ema: float, checkpoint_every: int,
+                  val_every: int, seed: int, device: str | None, default_lr: float) -> Any:
+    from .train import TrainConfig
+
+    return TrainConfig(steps=steps, batch_size=batch_size, lr=learning_rate or default_lr, ema=ema,
+                       checkpoint_every=checkpoint_every, val_every=val_every, seed=seed, device=device)
+
+
+@cli.command("train-restorer")
+@click.argument("lr_volume", type=click.Path(path_type=Path))
+@click.option("--factor", "-s", type=int, required=True, help="Axial factor s of the LR volume.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint folder.")
+@click.option("--mode", type=click.Choice(["decimate", "mean"]), default="decimate",
+              help="How z was acquired (and how XY patches are degraded).")
+@click.option("--preset", type=click.Choice(["tiny", "small", "full"]), default="tiny", help="Network size.")
+@click.option("--patch", type=int, default=64, help="XY patch side.")
+@click.option("--sampler", type=click.Choice(["sde", "ddim", "posterior"]), default="ddim",
+              help="Default Stage II sampler saved with the model.")
+@click.option("--sampler-steps", type=int, default=10, help="Network evaluations of that sampler.")
+@_train_options
+def train_restorer_cmd(lr_volume: Path, factor: int, out: Path, mode: str, preset: str, patch: int, sampler: str,
+                       sampler_steps: int, steps: int, batch_size: int, learning_rate: float | None, ema: float,
+                       checkpoint_every: int, val_every: int, seed: int, device: str | None, resume: bool,
+                       overwrite: bool) -> None:
+    """Stage I: train the diffusion restorer on XY patches of LR_VOLUME."""
+    from .train import RestorerConfig, train_restorer
+
+    tcfg = _train_config(steps, batch_size, learning_rate, ema, checkpoint_every, val_every, seed, device,
+                         4e-5 if preset == "full" else 2e-4)
+    rcfg = RestorerConfig(factor=factor, mode=mode, preset=preset, patch=patch, sampler=sampler,
+                          sampler_steps=None if sampler == "sde" and sampler_steps == 100 else sampler_steps)
+    summary = train_restorer(lr_volume, out, rcfg, tcfg, resume=resume, overwrite=overwrite)
+    click.echo(f"restorer saved to {out} ({summary['steps']} steps, {summary['seconds']:.0f} s)")
+
+
+@cli.command("train-dgean")
+@click.argument("hr_volume", type=click.Path(path_type=Path), metavar="PSEUDO_HR")
+@click.option("--factor", "-s", type=int, required=True, help="Axial factor s.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint folder.")
+@click.option("--mode", type=click.Choice(["decimate", "mean"]), default="decimate",
+              help="How the acquisition degrades z (the same as the LR).")
+@click.option("--preset", type=click.Choice(["tiny", "base", "full"]), default="tiny", help="Network size.")
+@click.option("--patch-xy", type=int, default=48)
+@click.option("--patch-lr-z", type=int, default=8, help="LR slices per patch (HR depth = this x factor).")
+@click.option("--hf-weight", type=float, default=0.5, help="Weight of the gradient (high-frequency) loss.")
+@click.option("--supervised", type=click.Path(path_type=Path), default=None, metavar="GT.zarr",
+              help="Train on ground truth instead (the supervised upper bound); PSEUDO_HR is then ignored.")
+@_train_options
+def train_dgean_cmd(hr_volume: Path, factor: int, out: Path, mode: str, preset: str, patch_xy: int,
+                    patch_lr_z: int, hf_weight: float, supervised: Path | None, steps: int, batch_size: int,
+                    learning_rate: float | None, ema: float, checkpoint_every: int, val_every: int, seed: int,
+                    device: str | None, resume: bool, overwrite: bool) -> None:
+    """Stage III: train DGEAN on the pseudo-HR volume (degraded along z -> original)."""
+    from .train import DGEANTrainConfig, train_dgean
+
+    tcfg = _train_config(steps, batch_size, learning_rate, ema, checkpoint_every, val_every, seed, device, 2e-4)
+    dcfg = DGEANTrainConfig(factor=factor, mode=mode, preset=preset, patch_xy=patch_xy, patch_lr_z=patch_lr_z,
+                            hf_weight=hf_weight, supervised=supervised is not None)
+    summary = train_dgean(supervised or hr_volume, out, dcfg, tcfg, resume=resume, overwrite=overwrite)
+    click.echo(f"DGEAN saved to {out} ({summary['steps']} steps, {summary['seconds']:.0f} s)")
+
+
+def _roi(roi: tuple[int, ...] | None) -> Any:
+    from .geometry import Box
+
+    return None if roi is None else Box(tuple(roi[:3]), tuple(roi[3:]))
+
+
+roi_option = click.option("--roi", nargs=6, type=int, default=None, metavar="Z0 Y0 X0 Z1 Y1 X1",
+                          help="Process only this LR region (voxel indices, end exclusive).")
+
+
+@cli.command()
+@click.argument("lr_volume", type=click.Path(path_type=Path))
+@click.argument("output", type=click.Path(path_type=Path), metavar="PSEUDO_HR")
+@click.option("--model", type=click.Path(path_type=Path), required=True, help="Stage I checkpoint folder.")
+@roi_option
+@click.option("--block", nargs=3, type=int, default=(16, 64, 64), metavar="Z Y X", help="LR tile shape.")
+@click.option("--overlap", nargs=3, type=int, default=(4, 16, 16), metavar="Z Y X",
+              help="Blend width per side between tiles.")
+@click.option("--sampler", type=click.Choice(["sde", "ddim", "posterior"]), default=None,
+              help="Override the model's sampler.")
+@click.option("--steps", type=int, default=None, help="Override the sampler's network evaluations.")
+@click.option("--seed", type=int, default=0)
+@click.option("--batch", type=int, default=64, help="Slices per network batch.")
+@cluster_options
+@_levels_option
+@_overwrite_option
+def restore(lr_volume: Path, output: Path, model: Path, roi: tuple[int, ...] | None, block: tuple[int, int, int],
+            overlap: tuple[int, int, int], sampler: str | None, steps: int | None, seed: int, batch: int,
+            scheduler: str | None, workers: int | None, serial: bool, levels: int, overwrite: bool) -> None:
+    """Stage II: restore every XZ and YZ slice of LR_VOLUME and fuse them (pseudo-HR)."""
+    from .restore import restore as run_restore
+
+    with _client(scheduler, workers, serial) as client:
+        run_restore(lr_volume, output, model, roi=_roi(roi), block=block, overlap=overlap, sampler=sampler,
+                    steps=steps, seed=seed, batch=batch, client=client, serial=serial, overwrite=overwrite,
+                    levels=levels)
+    click.echo(f"wrote {output}")
+
+
+@cli.command()
+@click.argument("lr_volume", type=click.Path(path_type=Path))
+@click.argument("output", type=click.Path(path_type=Path), metavar="SR")
+@click.option("--model", type=click.Path(path_type=Path), required=True, help="Stage III checkpoint folder.")
+@roi_option
+@click.option("--block", nargs=3, type=int, default=(16, 128, 128), metavar="Z Y X", help="LR block shape.")
+@click.option("--batch", type=int, default=1, help="Blocks per task, batched on the device.")
+@click.option("--tta", is_flag=True, help="Average the 8 xy flips/rotations (8x slower).")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the network (GPU).")
+@cluster_options
+@_levels_option
+@_overwrite_option
+def infer(lr_volume: Path, output: Path, model: Path, roi: tuple[int, ...] | None, block: tuple[int, int, int],
+          batch: int, tta: bool, compile_: bool, scheduler: str | None, workers: int | None, serial: bool,
+          levels: int, overwrite: bool) -> None:
+    """Stage IV: super-resolve LR_VOLUME with DGEAN, blockwise (exact halo, crop mode)."""
+    from .infer import infer as run_infer
+
+    with _client(scheduler, workers, serial) as client:
+        run_infer(lr_volume, output, model, roi=_roi(roi), block=block, batch=batch, tta=tta, compile=compile_,
+                  client=client, serial=serial, overwrite=overwrite, levels=levels)
+    click.echo(f"wrote {output}")
 
 
 def _fmt3(v: Any) -> str:

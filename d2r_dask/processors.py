@@ -17,6 +17,7 @@ a stochastic sampler's) and ``noop``.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -41,8 +42,9 @@ class ModelSpec:
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.kind not in _REGISTRY:
-            raise InputError(f"unknown model kind {self.kind!r}; known: {', '.join(sorted(_REGISTRY))}")
+        if self.kind not in _REGISTRY and self.kind not in _BUILTIN_MODULES:
+            known = sorted(set(_REGISTRY) | set(_BUILTIN_MODULES))
+            raise InputError(f"unknown model kind {self.kind!r}; known: {', '.join(known)}")
         object.__setattr__(self, "options", dict(self.options))
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,6 +76,8 @@ class BlockProcessor(Protocol):
 
 Loader = Callable[[ModelSpec, str], BlockProcessor]
 _REGISTRY: dict[str, Loader] = {}
+# the stages' processors register themselves when their module is imported
+_BUILTIN_MODULES = {"restorer": "d2r_dask.restore", "dgean": "d2r_dask.infer"}
 
 
 def register(kind: str) -> Callable[[Loader], Loader]:
@@ -88,6 +92,8 @@ def register(kind: str) -> Callable[[Loader], Loader]:
 
 def load_processor(spec: ModelSpec, device: str = "cpu") -> BlockProcessor:
     """Build the processor for ``spec`` on ``device`` (the engine caches it per worker)."""
+    if spec.kind not in _REGISTRY:
+        importlib.import_module(_BUILTIN_MODULES[spec.kind])
     return _REGISTRY[spec.kind](spec, device)
 
 

@@ -1,0 +1,108 @@
+"""Model checkpoints: ``weights.safetensors`` + ``config.json``, written atomically.
+
+A checkpoint directory holds what inference needs (the EMA weights and a JSON
+config naming the model kind, preset, factor, degradation and intensity
+normalisation) and, for ``--resume``, ``train_state.pt`` (raw weights, optimiser,
+scheduler, step). Each file is written to a temporary name and renamed, and
+``config.json`` is renamed last, so a crash never leaves a checkpoint that loads
+but is half written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "weights.safetensors"
+CONFIG = "config.json"
+TRAIN_STATE = "train_state.pt"
+
+
+def _atomic(path: Path, write: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    *,
+    weights: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    train_state: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint; ``config`` must name the model ``kind``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if "kind" not in config:
+        raise ValueError("checkpoint config needs a 'kind'")
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
+    if train_state is not None:
+        _atomic(directory / TRAIN_STATE, lambda p: torch.save(dict(train_state), p))
+    _atomic(directory / WEIGHTS, lambda p: save_file(tensors, str(p)))
+    _atomic(directory / CONFIG, lambda p: p.write_text(json.dumps(dict(config), indent=2, default=str)))
+    return directory
+
+
+def read_config(directory: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
+    """The config of a checkpoint, checked to be of ``kind`` (clear errors otherwise)."""
+    directory = Path(directory)
+    path = directory / CONFIG
+    if not path.exists():
+        raise CheckpointError(
+            f"{directory} is not a d2r checkpoint (no {CONFIG}); give the --out folder of a training run"
+        )
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is corrupt ({exc}); retrain or restore it from a backup") from exc
+    if kind is not None and config.get("kind") != kind:
+        raise CheckpointError(
+            f"{directory} holds a {config.get('kind')!r} model, but a {kind!r} model is needed here"
+        )
+    return config
+
+
+def read_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint (CheckpointError when missing or corrupt)."""
+    path = Path(directory) / WEIGHTS
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete, retrain or resume training")
+    try:
+        return load_file(str(path))
+    except (SafetensorsError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is corrupt ({exc}); retrain or resume from an earlier checkpoint") from exc
+
+
+def load_into(model: torch.nn.Module, directory: str | os.PathLike) -> torch.nn.Module:
+    """Load a checkpoint's weights into ``model``; a shape/name mismatch is a CheckpointError."""
+    weights = read_weights(directory)
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"the weights in {directory} do not fit the model its config describes ({str(exc).splitlines()[0]})"
+        ) from exc
+    return model
+
+
+def read_train_state(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The optimiser/step state for resuming, or None when the run has none yet."""
+    path = Path(directory) / TRAIN_STATE
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"{path} is corrupt ({exc}); delete it to restart training from scratch") from exc

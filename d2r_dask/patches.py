@@ -1,0 +1,125 @@
+"""Training patches: read at random from a stored volume, augment, and degrade into pairs.
+
+The volume is never loaded whole: each patch is a small Zarr read. Draws are keyed
+by ``(seed, step)`` so a resumed run sees exactly the batches an uninterrupted one
+would. Pair construction is pure numpy, testable without any store:
+
+* Stage I  (:func:`lateral_pair`): an XY patch, flipped/rotated, degraded along
+  its rows like z was acquired, and the condition ``mu`` = that degraded patch
+  upsampled back (bicubic, each row at its true position).
+* Stage III (:func:`axial_pair`): a 3D pseudo-HR patch, flipped / xy-swapped /
+  xy-rotated, degraded along z exactly as the acquisition degrades.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from .degrade import degrade_along, upsample_axis
+from .errors import InputError
+from .volume import open_volume
+
+
+@dataclass(frozen=True)
+class Intensity:
+    """Linear map of stored intensities to the unit range the networks see."""
+
+    low: float
+    high: float
+
+    def __post_init__(self) -> None:
+        if not self.high > self.low:
+            raise InputError(f"intensity range [{self.low}, {self.high}] is empty; is the volume constant?")
+
+    @classmethod
+    def for_volume(cls, data: Any, dtype: np.dtype) -> Intensity:
+        """Integer volumes use their dtype's range; float ones the 0.1/99.9 percentiles of a sample."""
+        if np.issubdtype(dtype, np.integer):
+            return cls(0.0, float(np.iinfo(dtype).max))
+        n = data.shape[0]
+        picks = np.unique(np.linspace(0, n - 1, min(n, 8)).round().astype(int))
+        sample = np.asarray(data[picks].compute(scheduler="synchronous"), dtype=np.float64)
+        return cls(float(np.percentile(sample, 0.1)), float(np.percentile(sample, 99.9)))
+
+    def to_unit(self, x: np.ndarray) -> np.ndarray:
+        return ((np.asarray(x, dtype=np.float32) - self.low) / (self.high - self.low)).astype(np.float32)
+
+    def from_unit(self, x: np.ndarray) -> np.ndarray:
+        return (np.asarray(x, dtype=np.float32) * (self.high - self.low) + self.low).astype(np.float32)
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def step_rng(seed: int, step: int, stream: int = 0) -> np.random.Generator:
+    """The random generator of one training step (independent of run history)."""
+    return np.random.default_rng([seed, step, stream])
+
+
+class PatchSource:
+    """Random patches of a stored volume, in unit intensities, from a z-range of it."""
+
+    def __init__(self, path: str | os.PathLike, *, z_range: tuple[int, int] | None = None,
+                 intensity: Intensity | None = None) -> None:
+        vol = open_volume(path)
+        self.path = str(path)
+        self.data = vol.data
+        self.geometry = vol.attrs
+        self.shape: tuple[int, int, int] = tuple(vol.shape)  # type: ignore[assignment]
+        self.z_range = z_range or (0, self.shape[0])
+        self.intensity = intensity or Intensity.for_volume(self.data, self.data.dtype)
+
+    def check_fits(self, patch: Sequence[int], what: str) -> None:
+        zs = self.z_range[1] - self.z_range[0]
+        if zs < patch[0] or self.shape[1] < patch[1] or self.shape[2] < patch[2]:
+            raise InputError(
+                f"{self.path}: the volume ({zs} usable slices x {self.shape[1]} x {self.shape[2]}) is smaller "
+                f"than one {what} patch {tuple(patch)}; use a smaller --patch or a larger volume"
+            )
+
+    def read(self, rng: np.random.Generator, patch: Sequence[int]) -> np.ndarray:
+        """One random ``patch``-shaped block, unit intensities, float32."""
+        z0 = rng.integers(self.z_range[0], self.z_range[1] - patch[0] + 1)
+        y0 = rng.integers(0, self.shape[1] - patch[1] + 1)
+        x0 = rng.integers(0, self.shape[2] - patch[2] + 1)
+        block = self.data[z0 : z0 + patch[0], y0 : y0 + patch[1], x0 : x0 + patch[2]]
+        return self.intensity.to_unit(block.compute(scheduler="synchronous"))
+
+
+def augment_2d(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random one of the 8 flips/90-degree rotations of a square 2D patch."""
+    img = np.rot90(img, int(rng.integers(4)))
+    return np.ascontiguousarray(img[:, ::-1] if rng.integers(2) else img)
+
+
+def augment_3d(vol: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random z/y/x flips, an x/y swap and an xy rotation of a ``(z, y, x)`` patch (y == x)."""
+    vol = np.rot90(vol, int(rng.integers(4)), axes=(1, 2))
+    for axis in range(3):
+        if rng.integers(2):
+            vol = np.flip(vol, axis)
+    if rng.integers(2):
+        vol = vol.transpose(0, 2, 1)
+    return np.ascontiguousarray(vol)
+
+
+def lateral_pair(patch: np.ndarray, factor: int, mode: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Stage I pair ``(x0, mu)`` from a square 2D patch: ``mu`` is x0 degraded along rows
+    and upsampled back to x0's size."""
+    x0 = augment_2d(patch, rng)
+    lr = degrade_along(x0, factor, axis=0, mode=mode)
+    mu = upsample_axis(lr, factor, axis=0, mode=mode, method="cubic", length=x0.shape[0])
+    return x0.astype(np.float32), mu.astype(np.float32)
+
+
+def axial_pair(patch: np.ndarray, factor: int, mode: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Stage III pair ``(lr, hr)`` from a ``(D*s, P, P)`` pseudo-HR patch."""
+    if patch.shape[0] % factor:
+        raise InputError(f"patch depth {patch.shape[0]} must be a multiple of the factor {factor}")
+    hr = augment_3d(patch, rng)
+    lr = degrade_along(hr, factor, axis=0, mode=mode).astype(np.float32)
+    return lr, hr.astype(np.float32)

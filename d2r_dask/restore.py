@@ -1,0 +1,158 @@
+"""Stage II: restore every XZ and YZ slice of the LR volume and fuse them into the pseudo-HR.
+
+Each engine tile is a ``(Z, Y, X)`` LR block (with overlap). The processor cuts it
+into XZ slices (one per y) and YZ slices (one per x); each slice's condition
+``mu`` is its cubic z-upsampling placed by the acquisition geometry, exactly as
+Stage I built its conditions; the restorer's reverse diffusion runs on batches of
+slices; the two orientations are averaged. Every Gaussian draw of the sampler is
+keyed by ``(seed, orientation, step, global HR voxel)``, so the result does not
+depend on chunking or worker count, and the engine's ``blend`` mode cross-fades
+tiles so no tile edge shows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .degrade import upsample_axis
+from .engine import run_blockwise
+from .errors import InputError
+from .geometry import Box, sr_transform
+from .noise import keyed_normal
+from .patches import Intensity
+from .processors import ModelSpec, register
+from .volume import Geometry, open_volume
+
+log = logging.getLogger(__name__)
+Triple = tuple[int, int, int]
+
+
+class RestorerProcessor:
+    """Stage II on one device: ``(B, Z, Y, X)`` LR tiles -> ``(B, Z*s, Y, X)`` pseudo-HR."""
+
+    def __init__(self, directory: str, device: str, *, sampler: str | None = None, steps: int | None = None,
+                 seed: int = 0, batch: int = 64, orientations: Sequence[str] = ("xz", "yz")) -> None:
+        from .train import load_restorer
+
+        net, self.sde, config = load_restorer(directory)
+        self.device = torch.device(device)
+        self.net = net.to(self.device)
+        if self.device.type == "cuda":
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.factor, self.mode = int(config["factor"]), str(config["mode"])
+        self.sampler = sampler or config.get("sampler", {}).get("name", "ddim")
+        self.steps = steps if steps is not None else config.get("sampler", {}).get("steps")
+        self.sde.n_evaluations(self.sampler, self.steps)  # validates the pair
+        self.intensity = Intensity(**config["intensity"])
+        self.seed, self.batch = int(seed), int(batch)
+        if not set(orientations) <= {"xz", "yz"} or not orientations:
+            raise InputError(f"orientations must be xz and/or yz, got {orientations}")
+        self.orientations = tuple(orientations)
+        self.scale: Triple = (self.factor, 1, 1)
+        self.halo: Triple = (0, 0, 0)  # a diffusion U-Net: tiles are blended, not cropped
+
+    def restore_slices(self, slices: np.ndarray, keys: tuple[np.ndarray, np.ndarray, np.ndarray],
+                       stream: int) -> np.ndarray:
+        """Restore ``(N, Z, L)`` unit-range LR slices to ``(N, Z*s, L)``.
+
+        ``keys`` are the global (z_hr, y, x) coordinates of the output, broadcastable
+        to ``(N, Z*s, L)`` in that orientation, for the noise.
+        """
+        mu = upsample_axis(slices, self.factor, axis=1, mode=self.mode, method="cubic")
+        out = np.empty_like(mu)
+        for a in range(0, len(mu), self.batch):
+            b = min(a + self.batch, len(mu))
+            sub = tuple(k[a:b] if k.shape[0] > 1 else k for k in keys)
+
+            def noise_fn(k: int, shape: torch.Size, sub: tuple = sub) -> torch.Tensor:
+                z = keyed_normal(self.seed, stream * 1024 + k, *sub)
+                return torch.from_numpy(np.ascontiguousarray(z)).reshape(shape)
+
+            mu_t = torch.from_numpy(mu[a:b, None]).to(self.device)
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
+                                enabled=self.device.type == "cuda"):
+                x = self.sde.sample(self.net, mu_t, sampler=self.sampler, steps=self.steps, noise_fn=noise_fn,
+                                    x0_range=(0.0, 1.0))
+            out[a:b] = x.float()[:, 0].clamp(0, 1).cpu().numpy()
+        return out
+
+    def __call__(self, blocks: np.ndarray, origins: Sequence[Triple]) -> np.ndarray:
+        s = self.factor
+        out = np.zeros((blocks.shape[0], blocks.shape[1] * s, *blocks.shape[2:]), dtype=np.float32)
+        for i, (block, (z0, y0, x0)) in enumerate(zip(blocks, origins)):
+            unit = self.intensity.to_unit(block)
+            nz, ny, nx = unit.shape
+            zh = np.arange(z0 * s, (z0 + nz) * s, dtype=np.int64)
+            ys, xs = np.arange(y0, y0 + ny, dtype=np.int64), np.arange(x0, x0 + nx, dtype=np.int64)
+            acc = np.zeros((nz * s, ny, nx), dtype=np.float32)
+            if "xz" in self.orientations:  # one slice per y: (ny, Z, X)
+                keys = (zh[None, :, None], ys[:, None, None], xs[None, None, :])
+                acc += self.restore_slices(unit.transpose(1, 0, 2), keys, 0).transpose(1, 0, 2)
+            if "yz" in self.orientations:  # one slice per x: (nx, Z, Y)
+                keys = (zh[None, :, None], ys[None, None, :], xs[:, None, None])
+                acc += self.restore_slices(unit.transpose(2, 0, 1), keys, 1).transpose(1, 2, 0)
+            out[i] = self.intensity.from_unit(acc / len(self.orientations))
+        return out
+
+
+@register("restorer")
+def _load_restorer(spec: ModelSpec, device: str) -> RestorerProcessor:
+    if spec.path is None:
+        raise InputError("a restorer model spec needs the checkpoint directory (--model)")
+    return RestorerProcessor(spec.path, device, **spec.options)
+
+
+def sr_geometry(lr: Any, factor: int, mode: str, roi: Box | None = None) -> Geometry:
+    """The SR volume's geometry for an LR volume (or its ``roi``), per D2R's geometry rules."""
+    g = Geometry.of(lr)
+    start = roi.start if roi is not None else (0, 0, 0)
+    translation = tuple(t + a * v for t, a, v in zip(g.translation, start, g.voxel_size))
+    return Geometry(*sr_transform(g.voxel_size, translation, factor, mode))
+
+
+def restore(
+    lr_path: str | os.PathLike,
+    output: str | os.PathLike,
+    model: str | os.PathLike,
+    *,
+    roi: Box | None = None,
+    block: Sequence[int] = (16, 64, 64),
+    overlap: Sequence[int] = (4, 16, 16),
+    sampler: str | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    batch: int = 64,
+    client: Any = None,
+    serial: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    levels: int = 1,
+) -> os.PathLike:
+    """Stage II through the engine: the pseudo-HR volume of ``lr_path`` (or of ``roi``).
+
+    Tiles of ``block`` LR voxels overlap by ``2 * overlap`` and are blended. Restarting
+    with the same arguments resumes.
+    """
+    from .checkpoint import read_config
+
+    config = read_config(model, "restorer")
+    factor, mode = int(config["factor"]), str(config["mode"])
+    lr = open_volume(lr_path)
+    options: dict[str, Any] = {"seed": seed, "batch": batch}
+    if sampler is not None:
+        options["sampler"] = sampler
+    if steps is not None:
+        options["steps"] = steps
+    spec = ModelSpec("restorer", str(model), options)
+    halo = tuple(min(o, max(0, n // 2 - 1)) if n > 1 else 0 for o, n in zip(overlap, lr.shape))
+    return run_blockwise(
+        lr_path, output, spec, block=block, halo=halo, scale=(factor, 1, 1), stitch="blend", roi=roi,
+        geometry=sr_geometry(lr, factor, mode, roi), client=client, serial=serial, overwrite=overwrite,
+        progress=progress, levels=levels,
+        metadata={"stage": "II (pseudo-HR)", "model": str(model), "factor": factor, "mode": mode},
+    )

@@ -1,0 +1,460 @@
+"""Training: one loop for both networks, and the Stage I / Stage III trainers on top of it.
+
+:func:`fit` is the loop (AdamW, cosine decay, EMA, bf16 autocast on GPU, progress,
+validation log, atomic checkpoints, ``resume``). Everything random in a step is
+keyed by ``(seed, step)``, and the optimiser, scheduler and EMA are checkpointed,
+so a resumed run ends with the same weights as an uninterrupted one.
+
+* :func:`train_restorer` — Stage I: the IR-SDE + conditional NAFNet restorer on XY
+  patches of the LR volume, degraded along one in-plane axis.
+* :func:`train_dgean` — Stage III: DGEAN on 3D patches of the pseudo-HR volume
+  (or of ground truth with ``supervised``), degraded along z like the acquisition.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from . import __version__
+from .checkpoint import load_into, read_config, read_train_state, save_checkpoint
+from .errors import CheckpointError, InputError, OutputExistsError
+from .geometry import check_factor, check_mode
+from .patches import PatchSource, axial_pair, lateral_pair, step_rng
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings shared by both trainers (saved in every checkpoint)."""
+
+    steps: int = 2000
+    batch_size: int = 4
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    ema: float = 0.995
+    min_lr_fraction: float = 0.01
+    checkpoint_every: int = 250
+    val_every: int = 250
+    val_patches: int = 8
+    seed: int = 0
+    amp: bool = True
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1 or self.val_every < 1:
+            raise InputError("steps, batch size, checkpoint and validation intervals must be >= 1")
+        if not 0 <= self.ema < 1 or self.lr <= 0:
+            raise InputError("need 0 <= ema < 1 and lr > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """``device`` if given, else the first GPU, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1.0 - decay)
+        for e, b in zip(ema.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+LossFn = Callable[[torch.nn.Module, int], torch.Tensor]
+ValidateFn = Callable[[torch.nn.Module, int], Mapping[str, float]]
+
+
+def fit(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    *,
+    cfg: TrainConfig,
+    out: str | os.PathLike,
+    checkpoint_config: Mapping[str, Any],
+    validate: ValidateFn | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``model`` for ``cfg.steps`` steps of ``loss_fn(model, step)``; return a summary.
+
+    Checkpoints (EMA weights + ``checkpoint_config``) go to ``out`` every
+    ``cfg.checkpoint_every`` steps and at the end; validation metrics are appended
+    to ``out/metrics.csv``. ``resume`` continues from ``out/train_state.pt``.
+    """
+    out = Path(out)
+    device = pick_device(cfg.device)
+    model.to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    floor = cfg.min_lr_fraction
+
+    def cosine(step: int) -> float:
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
+    start = 0
+    state = read_train_state(out) if out.exists() else None
+    if state is not None and not resume and not overwrite:
+        raise OutputExistsError(f"{out} holds a training run; pass --resume to continue it or --overwrite to restart")
+    if resume and state is not None:
+        previous = read_config(out)
+        for key in ("kind", "model", "factor", "mode"):
+            if previous.get(key) != checkpoint_config.get(key):
+                raise CheckpointError(
+                    f"cannot resume {out}: its {key} is {previous.get(key)!r}, this run's is "
+                    f"{checkpoint_config.get(key)!r}; use another --out or drop --resume"
+                )
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start = int(state["step"])
+        log.info("resuming %s at step %d", out, start)
+    elif resume:
+        log.info("nothing to resume in %s; starting from step 0", out)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.csv"
+    _truncate_log(metrics_path, start)
+
+    use_amp = cfg.amp and device.type == "cuda"
+    t0, losses = time.time(), []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {out.name}", unit="step", disable=not progress)
+    for step in range(start, cfg.steps):
+        model.train()
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss = loss_fn(model, step)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        _ema_update(ema, model, cfg.ema)
+        losses.append(float(loss))
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4g}")
+        done = step + 1
+        if validate is not None and (done % cfg.val_every == 0 or done == cfg.steps):
+            row = {"step": done, "train_loss": float(np.mean(losses[-cfg.val_every:])), **validate(ema, done)}
+            _append_row(metrics_path, row)
+            log.info("step %d: %s", done, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step"))
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            save_checkpoint(
+                out,
+                weights=ema.state_dict(),
+                config={**checkpoint_config, "step": done, "train": cfg.to_dict(), "d2r_version": __version__},
+                train_state={"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                             "scheduler": sched.state_dict(), "step": done},
+            )
+    bar.close()
+    return {"steps": cfg.steps, "started_at_step": start, "seconds": time.time() - t0,
+            "final_loss": float(np.mean(losses[-50:])) if losses else None, "out": str(out)}
+
+
+def _append_row(path: Path, row: Mapping[str, Any]) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log rows past ``step`` (a resumed run rewrites them)."""
+    if not path.exists():
+        return
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    path.unlink()
+    for row in rows:
+        if int(row["step"]) <= step:
+            _append_row(path, row)
+
+
+def _validation_split(n_slices: int, fraction: float = 0.1) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Train on the first slices, validate on the last ``fraction`` (at least one slice)."""
+    n_val = max(1, int(round(n_slices * fraction)))
+    if n_slices - n_val < 1:
+        return (0, n_slices), (0, n_slices)
+    return (0, n_slices - n_val), (n_slices - n_val, n_slices)
+
+
+# --- Stage I: the diffusion restorer ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RestorerConfig:
+    """What Stage I trains: network preset, factor, lateral degradation, patch size, sampler."""
+
+    factor: int
+    mode: str = "decimate"
+    preset: str = "tiny"
+    patch: int = 64
+    sampler: str = "ddim"
+    sampler_steps: int | None = 10
+    val_sampler_steps: int = 10
+
+    def __post_init__(self) -> None:
+        check_factor(self.factor)
+        check_mode(self.mode)
+        if self.patch < 2 * self.factor:
+            raise InputError(f"patch {self.patch} is too small for factor {self.factor}; use --patch >= {2 * self.factor}")
+
+
+def train_restorer(
+    lr_volume: str | os.PathLike,
+    out: str | os.PathLike,
+    rcfg: RestorerConfig,
+    tcfg: TrainConfig | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Stage I: train the restorer on XY patches of the LR volume (never loaded whole)."""
+    from .metrics import psnr, ssim
+    from .models.nafnet import ConditionalNAFNet, nafnet_config
+    from .models.sde import IRSDE, SDEConfig
+
+    tcfg = tcfg or TrainConfig(lr=4e-5 if rcfg.preset == "full" else 2e-4)
+    probe = PatchSource(lr_volume)
+    train_z, val_z = _validation_split(probe.shape[0])
+    source = PatchSource(lr_volume, z_range=train_z, intensity=probe.intensity)
+    val_source = PatchSource(lr_volume, z_range=val_z, intensity=probe.intensity)
+    size = min(rcfg.patch, probe.shape[1], probe.shape[2])
+    if size < rcfg.patch:
+        log.warning("patch %d is larger than the volume's XY size; using %d", rcfg.patch, size)
+        rcfg = replace(rcfg, patch=size)
+    source.check_fits((1, rcfg.patch, rcfg.patch), "XY")
+    sde_cfg = SDEConfig()
+    sde = IRSDE(sde_cfg)
+    torch.manual_seed(tcfg.seed)
+    net_cfg = nafnet_config(rcfg.preset)
+    model = ConditionalNAFNet(net_cfg)
+    device = pick_device(tcfg.device)
+
+    def batch(src: PatchSource, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [lateral_pair(src.read(rng, (1, rcfg.patch, rcfg.patch))[0], rcfg.factor, rcfg.mode, rng)
+                 for _ in range(n)]
+        x0 = torch.from_numpy(np.stack([p[0] for p in pairs])[:, None]).to(device)
+        mu = torch.from_numpy(np.stack([p[1] for p in pairs])[:, None]).to(device)
+        return x0, mu
+
+    def loss_fn(net: torch.nn.Module, step: int) -> torch.Tensor:
+        x0, mu = batch(source, step_rng(tcfg.seed, step), tcfg.batch_size)
+        gen = torch.Generator(device=device).manual_seed(tcfg.seed * 1_000_003 + step)
+        return sde.training_loss(net, x0, mu, generator=gen)
+
+    val_x0, val_mu = batch(val_source, step_rng(tcfg.seed, -1), tcfg.val_patches)
+    out = Path(out)
+
+    def validate(ema: torch.nn.Module, step: int) -> dict[str, float]:
+        gen = torch.Generator(device=device).manual_seed(tcfg.seed)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            pred = sde.sample(ema, val_mu, sampler="ddim", steps=rcfg.val_sampler_steps, generator=gen,
+                              x0_range=(0.0, 1.0))
+        pred = pred.float().clamp(0, 1).cpu().numpy()[:, 0]
+        target, cond = val_x0.cpu().numpy()[:, 0], val_mu.cpu().numpy()[:, 0]
+        _save_panels(out / "validation.png", [cond, pred, target], ["condition (bicubic)", "restored", "target"])
+        return {"val_psnr": psnr(pred, target, data_range=1.0), "val_ssim": ssim(pred, target, data_range=1.0, axis=0),
+                "val_psnr_bicubic": psnr(np.clip(cond, 0, 1), target, data_range=1.0),
+                "val_ssim_bicubic": ssim(np.clip(cond, 0, 1), target, data_range=1.0, axis=0)}
+
+    config = {
+        "kind": "restorer",
+        "model": net_cfg.to_dict(),
+        "preset": rcfg.preset,
+        "sde": sde_cfg.to_dict(),
+        "factor": rcfg.factor,
+        "mode": rcfg.mode,
+        "degradation": {"lateral": rcfg.mode, "condition": "cubic"},
+        "patch": rcfg.patch,
+        "sampler": {"name": rcfg.sampler, "steps": rcfg.sampler_steps},
+        "intensity": probe.intensity.to_dict(),
+        "source": str(lr_volume),
+    }
+    return fit(model, loss_fn, cfg=tcfg, out=out, checkpoint_config=config, validate=validate, resume=resume,
+               overwrite=overwrite, progress=progress)
+
+
+def load_restorer(directory: str | os.PathLike) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """``(network, IRSDE, config)`` of a Stage I checkpoint, network in eval mode on the CPU."""
+    from .models.nafnet import ConditionalNAFNet, NAFNetConfig
+    from .models.sde import IRSDE, SDEConfig
+
+    config = read_config(directory, "restorer")
+    try:
+        net = ConditionalNAFNet(NAFNetConfig.from_dict(config["model"]))
+        sde = IRSDE(SDEConfig.from_dict(config["sde"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{directory}/config.json does not describe a restorer ({exc})") from exc
+    return load_into(net, directory).eval(), sde, config
+
+
+# --- Stage III: DGEAN -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DGEANTrainConfig:
+    """What Stage III trains: DGEAN preset, factor, degradation mode, patch, loss weights."""
+
+    factor: int
+    mode: str = "decimate"
+    preset: str = "tiny"
+    patch_xy: int = 48
+    patch_lr_z: int = 8
+    hf_weight: float = 0.5
+    fourier_weight: float = 0.0
+    supervised: bool = False
+
+    def __post_init__(self) -> None:
+        check_factor(self.factor)
+        check_mode(self.mode)
+        if self.patch_xy < 8 or self.patch_lr_z < 2:
+            raise InputError("DGEAN patches need >= 8 voxels in xy and >= 2 LR slices")
+
+
+def train_dgean(
+    hr_volume: str | os.PathLike,
+    out: str | os.PathLike,
+    dcfg: DGEANTrainConfig,
+    tcfg: TrainConfig | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    z_range: tuple[int, int] | None = None,
+    intensity: Any = None,
+) -> dict[str, Any]:
+    """Stage III: train DGEAN on (degraded, original) 3D patches of an (pseudo-)HR volume.
+
+    ``z_range`` limits the HR slices used (e.g. to keep a ground-truth evaluation
+    region out of supervised training); its last tenth is held out for validation.
+    """
+    from .degrade import upsample_axis
+    from .metrics import psnr, ssim
+    from .models.dgean import DGEAN, dgean_config
+    from .models.losses import hf_loss
+
+    tcfg = tcfg or TrainConfig(lr=2e-4)
+    probe = PatchSource(hr_volume, intensity=intensity)
+    z0, z1 = z_range or (0, probe.shape[0])
+    (a, b), (c, d) = _validation_split(z1 - z0)
+    source = PatchSource(hr_volume, z_range=(z0 + a, z0 + b), intensity=probe.intensity)
+    val_source = PatchSource(hr_volume, z_range=(z0 + c, z0 + d), intensity=probe.intensity)
+    s = dcfg.factor
+    depth = dcfg.patch_lr_z * s
+    size = min(dcfg.patch_xy, probe.shape[1], probe.shape[2])
+    source.check_fits((depth, size, size), "3D")
+    if val_source.z_range[1] - val_source.z_range[0] < depth:
+        val_source = source  # too few slices to hold out a full patch: validate on training slices
+        log.warning("%s is too thin to hold out a validation patch; validating on training slices", hr_volume)
+    torch.manual_seed(tcfg.seed)
+    net_cfg = dgean_config(dcfg.preset, s, dcfg.mode)
+    model = DGEAN(net_cfg)
+    device = pick_device(tcfg.device)
+
+    def batch(src: PatchSource, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [axial_pair(src.read(rng, (depth, size, size)), s, dcfg.mode, rng) for _ in range(n)]
+        lr = torch.from_numpy(np.stack([p[0] for p in pairs])[:, None]).to(device)
+        hr = torch.from_numpy(np.stack([p[1] for p in pairs])[:, None]).to(device)
+        return lr, hr
+
+    def loss_fn(net: torch.nn.Module, step: int) -> torch.Tensor:
+        lr, hr = batch(source, step_rng(tcfg.seed, step), tcfg.batch_size)
+        return hf_loss(net(lr).float(), hr, weight=dcfg.hf_weight, fourier_weight=dcfg.fourier_weight)
+
+    val_lr, val_hr = batch(val_source, step_rng(tcfg.seed, -1), max(1, tcfg.val_patches // 2))
+    out = Path(out)
+
+    def validate(ema: torch.nn.Module, step: int) -> dict[str, float]:
+        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                                             enabled=device.type == "cuda"):
+            pred = ema(val_lr).float().clamp(0, 1).cpu().numpy()[:, 0]
+        target = val_hr.cpu().numpy()[:, 0]
+        lin = np.clip(upsample_axis(val_lr.cpu().numpy()[:, 0], s, axis=1, mode=dcfg.mode, method="linear"), 0, 1)
+        xz = lambda v: v.transpose(0, 2, 1, 3).reshape(-1, v.shape[1], v.shape[3])  # noqa: E731
+        _save_panels(out / "validation.png", [xz(lin)[:4], xz(pred)[:4], xz(target)[:4]],
+                     ["linear (XZ)", "DGEAN (XZ)", "target (XZ)"])
+        return {"val_psnr": psnr(pred, target, data_range=1.0),
+                "val_ssim_xz": ssim(pred.reshape(-1, *pred.shape[2:]), target.reshape(-1, *target.shape[2:]),
+                                    data_range=1.0, axis=1),
+                "val_psnr_linear": psnr(lin, target, data_range=1.0)}
+
+    config = {
+        "kind": "dgean",
+        "model": net_cfg.to_dict(),
+        "preset": dcfg.preset,
+        "factor": s,
+        "mode": dcfg.mode,
+        "degradation": {"axial": dcfg.mode},
+        "patch": [depth, size, size],
+        "loss": {"l1": 1.0, "gradient": dcfg.hf_weight, "fourier": dcfg.fourier_weight},
+        "supervised": dcfg.supervised,
+        "intensity": probe.intensity.to_dict(),
+        "source": str(hr_volume),
+        "z_range": [z0, z1],
+    }
+    return fit(model, loss_fn, cfg=tcfg, out=out, checkpoint_config=config, validate=validate, resume=resume,
+               overwrite=overwrite, progress=progress)
+
+
+def load_dgean(directory: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """``(network, config)`` of a Stage III checkpoint, in eval mode on the CPU."""
+    from .models.dgean import DGEAN, DGEANConfig
+
+    config = read_config(directory, "dgean")
+    try:
+        net = DGEAN(DGEANConfig.from_dict(config["model"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{directory}/config.json does not describe a DGEAN ({exc})") from exc
+    return load_into(net, directory).eval(), config
+
+
+def _save_panels(path: Path, rows: list[np.ndarray], titles: list[str]) -> None:
+    """A PNG grid: one column per entry of ``rows`` (each ``(n, h, w)``), one row per patch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = min(4, len(rows[0]))
+    fig, axes = plt.subplots(n, len(rows), figsize=(2.2 * len(rows), 2.2 * n), squeeze=False)
+    for j, (imgs, title) in enumerate(zip(rows, titles)):
+        for i in range(n):
+            axes[i, j].imshow(imgs[i], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            axes[i, j].set_axis_off()
+        axes[0, j].set_title(title, fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
+    """Write JSON atomically (run records, benchmark results)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
