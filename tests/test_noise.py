@@ -1,0 +1,53 @@
+"""Counter-based keyed noise: distribution, tiling independence, a fixed function."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from d2r_dask.noise import keyed_normal
+
+
+def test_keyed_normal_distribution_and_independence():
+    z, x = np.arange(256)[:, None], np.arange(256)[None, :]
+    field = keyed_normal(0, 0, z, x)
+    assert field.dtype == np.float32 and field.shape == (256, 256)
+    a = field.astype(np.float64)
+    assert abs(a.mean()) < 0.02 and abs(a.std() - 1) < 0.02
+    assert abs(np.mean(a**4) - 3) < 0.1  # Gaussian kurtosis
+    assert abs(np.mean(np.abs(a) > 1.96) - 0.05) < 0.005
+
+    def corr(u: np.ndarray, v: np.ndarray) -> float:
+        return float(np.corrcoef(u.ravel(), v.ravel())[0, 1])
+
+    assert abs(corr(a[:, 1:], a[:, :-1])) < 0.02
+    assert abs(corr(a[1:], a[:-1])) < 0.02
+    assert abs(corr(a, a.T)) < 0.02  # coordinate order matters
+    assert abs(corr(a, keyed_normal(0, 1, z, x))) < 0.02
+    assert abs(corr(a, keyed_normal(1, 0, z, x))) < 0.02
+
+
+def test_keyed_normal_is_independent_of_tiling():
+    z, y, x = np.arange(-3, 9), np.arange(17), np.arange(1000, 1030)
+    whole = keyed_normal(42, 7, z[:, None, None], y[None, :, None], x[None, None, :])
+    mesh = keyed_normal(42, 7, *np.meshgrid(z, y, x, indexing="ij"))
+    np.testing.assert_array_equal(mesh, whole)
+    tiled = np.empty_like(whole)
+    for zs in (slice(0, 5), slice(5, 12)):
+        for ys in (slice(0, 3), slice(3, 17)):
+            for xs in (slice(0, 11), slice(11, 29), slice(29, 30)):
+                tiled[zs, ys, xs] = keyed_normal(42, 7, z[zs, None, None], y[None, ys, None], x[None, None, xs])
+    np.testing.assert_array_equal(tiled, whole)
+    assert float(keyed_normal(42, 7, 4, 0, 1000)) == whole[7, 0, 0]  # scalars broadcast too
+
+
+def test_keyed_normal_is_a_fixed_function():
+    """Pinned values: a change of the hash would silently change every stored result."""
+    values = keyed_normal(0, 0, np.arange(4))
+    np.testing.assert_allclose(values, PINNED, rtol=1e-6)
+    with pytest.raises(ValueError, match="integers"):
+        keyed_normal(0, 0, np.linspace(0, 1, 4))
+    assert keyed_normal(0, 0, -1) != keyed_normal(0, 0, 1)
+
+
+PINNED = np.array([-0.091550164, -1.4442618, 1.0179495, -0.44024915], dtype=np.float32)
