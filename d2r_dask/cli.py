@@ -103,7 +103,7 @@ def info(store: Path, as_json: bool) -> None:
     s = d["intensity_sample"]
     ratio = d["uncompressed_bytes"] / max(d["size_on_disk_bytes"], 1)
     click.echo(
-        f"{d['path']}  (OME-Zarr {d['ngff_version'] or '-, plain Zarr array'})\n"
+        f"{d['path']}  ({'OME-Zarr ' + d['ngff_version'] if d['ngff_version'] else 'plain Zarr array'})\n"
         f"  shape (z,y,x)   {d['shape']}  {d['dtype']}\n"
         f"  chunks          {d['chunks']}\n"
         f"  voxel size      {_fmt3(d['voxel_size_nm'])} nm\n"
@@ -304,6 +304,93 @@ def infer(lr_volume: Path, output: Path, model: Path, roi: tuple[int, ...] | Non
         run_infer(lr_volume, output, model, roi=_roi(roi), block=block, batch=batch, tta=tta, compile=compile_,
                   client=client, serial=serial, overwrite=overwrite, levels=levels)
     click.echo(f"wrote {output}")
+
+
+def _run_overrides(factor: int | None, mode: str | None, seed: int | None, device: str | None,
+                   restorer_steps: int | None, dgean_steps: int | None, restorer_preset: str | None,
+                   dgean_preset: str | None, roi: tuple[int, ...] | None, tta: bool) -> dict[str, Any]:
+    return {
+        "factor": factor, "mode": mode, "seed": seed, "device": device,
+        "restorer": {"steps": restorer_steps, "preset": restorer_preset},
+        "restore": {"roi": list(roi) if roi else None},
+        "dgean": {"steps": dgean_steps, "preset": dgean_preset},
+        "infer": {"tta": tta or None},
+    }
+
+
+@cli.command()
+@click.argument("lr_volume", type=click.Path(path_type=Path))
+@click.argument("output", type=click.Path(path_type=Path), metavar="SR")
+@click.option("--factor", "-s", type=int, default=None, help="Axial factor s (required unless in --config).")
+@click.option("--mode", type=click.Choice(["decimate", "mean"]), default=None,
+              help="How z was acquired [default: decimate].")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
+              help="YAML/TOML file with any option of `d2r config show`; flags override it.")
+@click.option("--workdir", type=click.Path(path_type=Path), default=None,
+              help="Stage artifacts and run.json [default: SR name + .d2r-work, next to SR].")
+@click.option("--restorer-steps", type=int, default=None, help="Stage I training steps.")
+@click.option("--dgean-steps", type=int, default=None, help="Stage III training steps.")
+@click.option("--restorer-preset", type=click.Choice(["tiny", "small", "full"]), default=None)
+@click.option("--dgean-preset", type=click.Choice(["tiny", "base", "full"]), default=None)
+@roi_option
+@click.option("--tta", is_flag=True, help="Stage IV test-time averaging (8x slower).")
+@click.option("--seed", type=int, default=None)
+@click.option("--device", default=None, help="Training device [default: a GPU if present].")
+@click.option("--dry-run", is_flag=True, help="Print the plan (stages, blocks, network evaluations) and stop.")
+@cluster_options
+@_levels_option
+@_overwrite_option
+def run(lr_volume: Path, output: Path, factor: int | None, mode: str | None, config_file: Path | None,
+        workdir: Path | None, restorer_steps: int | None, dgean_steps: int | None, restorer_preset: str | None,
+        dgean_preset: str | None, roi: tuple[int, ...] | None, tta: bool, seed: int | None, device: str | None,
+        dry_run: bool, scheduler: str | None, workers: int | None, serial: bool, levels: int,
+        overwrite: bool) -> None:
+    """Run Stages I-IV on LR_VOLUME and write SR; a rerun resumes where it stopped.
+
+    \b
+    Stage I   train the diffusion restorer on XY patches of LR_VOLUME
+    Stage II  restore XZ/YZ slices of (a region of) LR_VOLUME -> pseudo-HR
+    Stage III train DGEAN on the pseudo-HR degraded along z
+    Stage IV  DGEAN over all of LR_VOLUME, blockwise -> SR
+    """
+    from .pipeline import RunConfig, load_config_file, merge, plan, run as run_pipeline
+
+    base = load_config_file(config_file) if config_file else {}
+    merged = merge(base, _run_overrides(factor, mode, seed, device, restorer_steps, dgean_steps,
+                                        restorer_preset, dgean_preset, roi, tta))
+    if "factor" not in merged:
+        raise click.UsageError("give --factor (or factor: in --config)")
+    cfg = RunConfig.from_dict(merged)
+    if dry_run:
+        click.echo(json.dumps(plan(lr_volume, cfg), indent=2, default=str))
+        return
+    with _client(scheduler, workers, serial) as client:
+        record = run_pipeline(lr_volume, output, cfg, workdir=workdir, client=client, serial=serial,
+                              overwrite=overwrite, levels=levels)
+    for name, entry in record["stages"].items():
+        click.echo(f"  {name:10s} {entry['status']:8s} {entry['seconds']:8.1f} s")
+    click.echo(f"wrote {output}")
+
+
+@cli.group()
+def config() -> None:
+    """Run configuration files for `d2r run --config`."""
+
+
+@config.command("show")
+@click.option("--factor", "-s", type=int, default=4, help="Factor to put in the template.")
+@click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml")
+def config_show(factor: int, fmt: str) -> None:
+    """Print every option of `d2r run` with its default."""
+    from .pipeline import config_template
+
+    data = config_template(factor)
+    if fmt == "json":
+        click.echo(json.dumps(data, indent=2))
+    else:
+        import yaml
+
+        click.echo(yaml.safe_dump(data, sort_keys=False))
 
 
 def _fmt3(v: Any) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .degrade import check_finite
-from .errors import InputError
+from .errors import D2RError, InputError
 from .volume import Geometry, check_dtype, create_volume, default_chunks, finalize_volume, open_volume
 
 log = logging.getLogger(__name__)
@@ -54,12 +54,22 @@ def _check_3d(shape: Sequence[int], what: str) -> tuple[int, int, int]:
     return tuple(int(n) for n in shape)  # type: ignore[return-value]
 
 
+def _squeezed(shape: Sequence[int]) -> tuple[int, ...]:
+    """``shape`` without its singleton axes if it has more than three (e.g. ``(1, z, y, x)``)."""
+    return tuple(int(n) for n in shape if n != 1) if len(shape) > 3 else tuple(int(n) for n in shape)
+
+
 def _tiff_source(path: Path) -> StackSource:
     import tifffile
 
     tif = tifffile.TiffFile(path)
     series = tif.series[0]
-    shape = tuple(s for s in series.shape if s != 1) if len(series.shape) > 3 else series.shape
+    if series.axes.endswith("S") and series.shape[-1] > 1:  # interleaved colour samples
+        raise InputError(
+            f"{path} holds colour (RGB) images, axes {series.axes}; d2r needs greyscale: "
+            "convert the images to 8- or 16-bit greyscale first"
+        )
+    shape = _squeezed(series.shape)
     if len(shape) == 2:
         shape = (1, *shape)
     shape = _check_3d(shape, str(path))
@@ -87,14 +97,17 @@ def _slices_source(folder: Path) -> StackSource:
         raise InputError(f"{folder} holds no {'/'.join(SLICE_SUFFIXES)} slices; point at a folder of 2D images")
 
     def load(f: Path) -> np.ndarray:
-        if f.suffix.lower() == ".png":
-            from PIL import Image
+        try:
+            if f.suffix.lower() == ".png":
+                from PIL import Image
 
-            with Image.open(f) as im:
-                return np.asarray(im)
-        import tifffile
+                with Image.open(f) as im:
+                    return np.asarray(im)
+            import tifffile
 
-        return tifffile.imread(f)
+            return tifffile.imread(f)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{f}: cannot read this slice ({exc.__class__.__name__}: {exc})") from exc
 
     first = load(files[0])
     if first.ndim != 2:
@@ -121,18 +134,27 @@ def _hdf5_source(spec: str) -> StackSource:
     if not Path(filename).exists():
         raise InputError(f"{filename}: no such file; check the path")
     f = h5py.File(filename, "r")
-    if not dataset or dataset not in f:
+    if not dataset or not isinstance(f.get(dataset), h5py.Dataset):
         names: list[str] = []
         f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
         raise InputError(f"name the dataset as {filename}:DATASET; datasets in the file: {', '.join(names) or 'none'}")
     dset = f[dataset]
-    shape = _check_3d(dset.shape, spec)
-    return StackSource(f"HDF5 {spec}", shape, dset.dtype, lambda z0, z1: dset[z0:z1])
+    shape = _check_3d(_squeezed(dset.shape), spec)
+    # z is the first non-singleton axis; singleton extra axes are indexed away
+    index = [0 if n == 1 and dset.ndim > 3 else slice(None) for n in dset.shape]
+    z_axis = next(i for i, ix in enumerate(index) if ix != 0)
+
+    def read(z0: int, z1: int) -> np.ndarray:
+        return dset[tuple(slice(z0, z1) if i == z_axis else ix for i, ix in enumerate(index))]
+
+    return StackSource(f"HDF5 {spec}", shape, dset.dtype, read)
 
 
 def _npy_source(path: Path) -> StackSource:
     arr = np.load(path, mmap_mode="r")
-    return StackSource(f"NumPy {path}", _check_3d(arr.shape, str(path)), arr.dtype, lambda z0, z1: np.asarray(arr[z0:z1]))
+    shape = _check_3d(_squeezed(arr.shape), str(path))
+    arr = arr.reshape(shape)  # a view: drops singleton extra axes, stays memory-mapped
+    return StackSource(f"NumPy {path}", shape, arr.dtype, lambda z0, z1: np.asarray(arr[z0:z1]))
 
 
 def _zarr_source(path: Path, voxel_size: Sequence[float] | None) -> StackSource:
@@ -150,7 +172,18 @@ def _zarr_source(path: Path, voxel_size: Sequence[float] | None) -> StackSource:
 
 def open_source(spec: str | os.PathLike, *, voxel_size: Sequence[float] | None = None) -> StackSource:
     """Pick the reader for ``spec`` by what it is on disk."""
-    text = str(spec)
+    try:
+        return _open_source(str(spec), voxel_size)
+    except D2RError:
+        raise
+    except (OSError, ValueError) as exc:  # how tifffile, h5py, numpy and PIL refuse a file
+        raise InputError(
+            f"{spec}: cannot read it ({exc.__class__.__name__}: {exc}); check that the file is "
+            "intact and of the kind its name says"
+        ) from exc
+
+
+def _open_source(text: str, voxel_size: Sequence[float] | None) -> StackSource:
     if ".h5:" in text or ".hdf5:" in text or text.endswith((".h5", ".hdf5")):
         return _hdf5_source(text)
     path = Path(text)

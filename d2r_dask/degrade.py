@@ -76,7 +76,9 @@ def interp_weights(n_in: int, factor: int, mode: str, method: str, n_out: int) -
     rows = np.arange(n_out)
     if method == "nearest":
         np.add.at(w, (rows, np.clip(np.floor(pos + 0.5).astype(int), 0, n_in - 1)), 1.0)
-        return w.astype(np.float32)
+        w = w.astype(np.float32)
+        w.setflags(write=False)
+        return w
     base = np.floor(pos).astype(int)
     frac = pos - base
     if method == "linear":
@@ -95,7 +97,9 @@ def interp_weights(n_in: int, factor: int, mode: str, method: str, n_out: int) -
         taps = {o: keys(frac - o) for o in (-1, 0, 1, 2)}
     for offset, weight in taps.items():
         np.add.at(w, (rows, np.clip(base + offset, 0, n_in - 1)), weight)
-    return w.astype(np.float32)
+    w = w.astype(np.float32)
+    w.setflags(write=False)  # cached and shared: nobody may change it
+    return w
 
 
 def upsample_axis(
