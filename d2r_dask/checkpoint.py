@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
@@ -81,7 +81,7 @@ def read_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is missing; the checkpoint is incomplete, retrain or resume training")
     try:
         return load_file(str(path))
-    except (SafetensorsError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is corrupt ({exc}); retrain or resume from an earlier checkpoint") from exc
 
 

@@ -148,7 +148,7 @@ def fit(
         loss.backward()
         opt.step()
         sched.step()
-        _ema_update(ema, model, cfg.ema)
+        _ema_update(ema, model, min(cfg.ema, (1 + step) / (10 + step)))  # warm-up: early EMA follows the model
         losses.append(float(loss))
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4g}")
@@ -265,7 +265,7 @@ def train_restorer(
         gen = torch.Generator(device=device).manual_seed(tcfg.seed * 1_000_003 + step)
         return sde.training_loss(net, x0, mu, generator=gen)
 
-    val_x0, val_mu = batch(val_source, step_rng(tcfg.seed, -1), tcfg.val_patches)
+    val_x0, val_mu = batch(val_source, step_rng(tcfg.seed, 0, stream=1), tcfg.val_patches)
     out = Path(out)
 
     def validate(ema: torch.nn.Module, step: int) -> dict[str, float]:
@@ -384,7 +384,7 @@ def train_dgean(
         lr, hr = batch(source, step_rng(tcfg.seed, step), tcfg.batch_size)
         return hf_loss(net(lr).float(), hr, weight=dcfg.hf_weight, fourier_weight=dcfg.fourier_weight)
 
-    val_lr, val_hr = batch(val_source, step_rng(tcfg.seed, -1), max(1, tcfg.val_patches // 2))
+    val_lr, val_hr = batch(val_source, step_rng(tcfg.seed, 0, stream=1), max(1, tcfg.val_patches // 2))
     out = Path(out)
 
     def validate(ema: torch.nn.Module, step: int) -> dict[str, float]:
