@@ -393,6 +393,62 @@ def config_show(factor: int, fmt: str) -> None:
         click.echo(yaml.safe_dump(data, sort_keys=False))
 
 
+@cli.command()
+@click.argument("result", type=click.Path(path_type=Path), metavar="SR")
+@click.argument("gt", type=click.Path(path_type=Path))
+@click.option("--lr", "lr_path", type=click.Path(path_type=Path), default=None,
+              help="The LR input: also score its nearest/linear/cubic z-interpolation.")
+@click.option("--pseudo-hr", type=click.Path(path_type=Path), default=None, help="Also score Stage II's pseudo-HR.")
+@click.option("--also", multiple=True, metavar="NAME=PATH", help="More results to score (repeatable).")
+@click.option("--factor", "-s", type=int, default=None, help="Axial factor [default: from the volumes' metadata].")
+@click.option("--mode", type=click.Choice(["decimate", "mean"]), default=None)
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Report folder [default: SR name + .report next to SR].")
+@click.option("--slab", type=int, default=16, help="y-slices read at a time (memory).")
+def evaluate(result: Path, gt: Path, lr_path: Path | None, pseudo_hr: Path | None, also: tuple[str, ...],
+             factor: int | None, mode: str | None, out: Path | None, slab: int) -> None:
+    """Score SR against the ground truth GT: PSNR, SSIM per orientation, z-resolution (FRC).
+
+    Writes metrics.json, report.md and figures; works blockwise on large volumes.
+    """
+    from .evaluate import evaluate as run_evaluate
+
+    candidates: dict[str, Any] = {"sr": result}
+    if pseudo_hr:
+        candidates["pseudo_hr"] = pseudo_hr
+    for item in also:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r}: use NAME=PATH", param_hint="--also")
+        candidates[name] = Path(path)
+    out = out or result.with_name(result.name.removesuffix(".zarr") + ".report")
+    summary = run_evaluate(gt, candidates, lr_path=lr_path, factor=factor, mode=mode, out_dir=out, slab=slab,
+                           interpolations=("nearest", "linear", "cubic"))
+    click.echo((out / "report.md").read_text())
+    click.echo(f"report: {out / 'report.md'}")
+
+
+@cli.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("d2r-demo"), help="Demo folder.")
+@click.option("--input", "input_path", type=click.Path(path_type=Path), default=None,
+              help="Use this isotropic stack as ground truth instead of synthetic data.")
+@voxel_size_option
+@click.option("--factor", "-s", type=int, default=4, help="Axial factor to simulate.")
+@click.option("--quick", is_flag=True, help="A one-minute smoke run (far too short to learn anything).")
+@cluster_options
+@_overwrite_option
+def demo(out: Path, input_path: Path | None, voxel_size: tuple[float, float, float] | None, factor: int,
+         quick: bool, scheduler: str | None, workers: int | None, serial: bool, overwrite: bool) -> None:
+    """The whole pipeline on synthetic (or given) data, evaluated: about 10 minutes on 2 CPU cores."""
+    from .demo import demo as run_demo
+
+    with _client(scheduler, workers, serial) as client:
+        summary = run_demo(out, input_path=input_path, voxel_size=voxel_size, factor=factor, quick=quick,
+                           client=client, serial=serial, overwrite=overwrite)
+    click.echo(Path(summary["report"]).read_text())
+    click.echo(f"done in {summary['seconds']:.0f} s; report: {summary['report']}")
+
+
 def _fmt3(v: Any) -> str:
     return " x ".join(f"{float(x):g}" for x in v)
 

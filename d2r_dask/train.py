@@ -149,7 +149,7 @@ def fit(
         opt.step()
         sched.step()
         _ema_update(ema, model, min(cfg.ema, (1 + step) / (10 + step)))  # warm-up: early EMA follows the model
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4g}")
         done = step + 1
