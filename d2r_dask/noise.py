@@ -50,18 +50,31 @@ def _as_uint64(coord: np.ndarray | int, position: int) -> np.ndarray:
     return array.astype(np.int64, copy=False).view(np.uint64)
 
 
-def keyed_normal(seed: int, stream: int, *coords: np.ndarray | int) -> np.ndarray:
-    """Standard normals (float32) over the broadcast of integer ``coords``, keyed by them.
-
-    The value at an element depends only on ``seed``, ``stream`` (e.g. the sampler step) and
-    that element's coordinates, so any tiling of the coordinate space sees the same field.
-    """
+def keyed_uint64(seed: int, stream: int, *coords: np.ndarray | int) -> np.ndarray:
+    """A 64-bit hash per element of the broadcast of integer ``coords`` (order matters)."""
     key = _mix_int(_mix_int(seed & _MASK) ^ (stream & _MASK))
     coords_u64 = [_as_uint64(coord, position) for position, coord in enumerate(coords)]
     shape = np.broadcast_shapes(*(c.shape for c in coords_u64))
     h = np.array([key], dtype=np.uint64)  # 1-d, so every step stays an array (never a scalar)
     for coord in coords_u64:
         h = _mix(np.bitwise_xor(h, coord))
+    return h.reshape(shape)
+
+
+def keyed_uniform(seed: int, stream: int, *coords: np.ndarray | int) -> np.ndarray:
+    """Uniforms in [0, 1) (float64, 53 random bits), keyed like :func:`keyed_uint64`."""
+    h = keyed_uint64(seed, stream, *coords)
+    return ((h.reshape(-1) >> np.uint64(11)).astype(np.float64) * 2.0**-53).reshape(h.shape)
+
+
+def keyed_normal(seed: int, stream: int, *coords: np.ndarray | int) -> np.ndarray:
+    """Standard normals (float32) over the broadcast of integer ``coords``, keyed by them.
+
+    The value at an element depends only on ``seed``, ``stream`` (e.g. the sampler step) and
+    that element's coordinates, so any tiling of the coordinate space sees the same field.
+    """
+    h = keyed_uint64(seed, stream, *coords)
+    shape, h = h.shape, h.reshape(-1)  # 1-d: numpy ufuncs on 0-d arrays return scalars
     radius = (h >> _HIGH).astype(np.uint32).astype(np.float64)
     angle = h.astype(np.uint32).astype(np.float64)  # the low 32 bits
     radius += 0.5  # uniform in (0, 2**32): the log below is finite

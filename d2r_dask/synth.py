@@ -33,6 +33,8 @@ import numpy as np
 from dask.base import tokenize
 from scipy import ndimage
 
+from .noise import keyed_normal, keyed_uniform
+
 __all__ = ["SynthParams", "synth_block", "synth_dask"]
 
 # Grey levels (uint8 scale) of the clean image, before texture, blur and noise.
@@ -62,9 +64,6 @@ _MITO_SLOTS = 3
 _CORNER_ROUNDING = 0.08  # fraction of the cell size
 _VESICLE_SLOTS = 16
 
-_U64 = np.uint64
-_GOLDEN = 0x9E3779B97F4A7C15
-_MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -110,46 +109,16 @@ def _check_range(name: str, value: float, lo: float, hi: float) -> None:
 
 
 # --------------------------------------------------------------------------- hashing
+# every random choice is keyed by global coordinates through d2r_dask.noise
 
 
-def _mix64_int(h: int) -> int:
-    """splitmix64 finaliser on a Python int (for scalar keys such as seed and stream)."""
-    h &= _MASK64
-    h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return h ^ (h >> 31)
-
-
-def _mix64(h: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser on uint64 arrays (wrapping arithmetic)."""
-    h = h ^ (h >> _U64(30))
-    h = h * _U64(0xBF58476D1CE4E5B9)
-    h = h ^ (h >> _U64(27))
-    h = h * _U64(0x94D049BB133111EB)
-    return h ^ (h >> _U64(31))
-
-
-def _hash(seed: int, stream: int, *keys: np.ndarray) -> np.ndarray:
-    """uint64 hash of integer key arrays (broadcast together), chained one key at a time."""
-    h = _U64(_mix64_int(_mix64_int(seed + _GOLDEN) ^ (stream * _GOLDEN)))
-    for key in keys:
-        k = np.asarray(key, dtype=np.int64).view(np.uint64)
-        h = _mix64((h ^ k) + _U64(_GOLDEN))
-    return h
-
-
-def _uniform(h: np.ndarray) -> np.ndarray:
-    """Top 53 bits of a hash as a float64 uniform in [0, 1)."""
-    return (h >> _U64(11)).astype(np.float64) * 2.0**-53
+def _uniform(seed: int, stream: int, *keys: np.ndarray) -> np.ndarray:
+    return keyed_uniform(seed, stream, *(np.asarray(k, dtype=np.int64) for k in keys))
 
 
 def _gaussian_noise(seed: int, stream: int, z: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Standard normal per voxel: Box-Muller on two 24-bit uniforms from one voxel hash (float32)."""
-    h = _hash(seed, stream, z[:, None, None], y[None, :, None], x[None, None, :])
-    scale = np.float32(2.0**-24)
-    u1 = ((h >> _U64(40)).astype(np.float32) + np.float32(1)) * scale  # (0, 1], exact in float32
-    u2 = (h & _U64(0xFFFFFF)).astype(np.float32) * scale
-    return np.sqrt(np.float32(-2) * np.log(u1)) * np.cos(np.float32(2 * np.pi) * u2)
+    """Standard normal per voxel (float32)."""
+    return keyed_normal(seed, stream, z[:, None, None], y[None, :, None], x[None, None, :])
 
 
 # --------------------------------------------------------------------------- value noise
@@ -172,7 +141,7 @@ def _value_noise(seed: int, stream: int, coords: tuple[np.ndarray, ...], spacing
         weights.append(f * f * (3.0 - 2.0 * f))
         lattice_axes.append(lo + np.arange(int(i.max()) - lo + 2))
     lz, ly, lx = lattice_axes
-    a = (2.0 * _uniform(_hash(seed, stream, lz[:, None, None], ly[None, :, None], lx[None, None, :])) - 1.0)
+    a = (2.0 * _uniform(seed, stream, lz[:, None, None], ly[None, :, None], lx[None, None, :]) - 1.0)
     a = a.astype(np.float32)
     (iz, iy, ix), (wz, wy, wx) = idx, weights
     a = a[:, :, ix] * (1 - wx) + a[:, :, ix + 1] * wx
@@ -208,10 +177,10 @@ def _cell_neighbourhood(seed: int, p: SynthParams, origin: np.ndarray, shape: np
     gz, gy, gx = (np.arange(a, b + 1)[tuple(slice(None) if i == j else None for j in range(3))]
                   for i, (a, b) in enumerate(zip(lo, hi)))
     offset = np.stack([
-        c * (0.5 + p.cell_jitter * (2.0 * _uniform(_hash(seed, s, gz, gy, gx)) - 1.0))
+        c * (0.5 + p.cell_jitter * (2.0 * _uniform(seed, s, gz, gy, gx) - 1.0))
         for s in _S_SEED
     ])
-    weight = (p.cell_size_spread * c) ** 2 * (2.0 * _uniform(_hash(seed, _S_WEIGHT, gz, gy, gx)) - 1.0)
+    weight = (p.cell_size_spread * c) ** 2 * (2.0 * _uniform(seed, _S_WEIGHT, gz, gy, gx) - 1.0)
     return _Cells(lo=lo, grid=(gz, gy, gx), offset=offset, weight=weight)
 
 
@@ -326,7 +295,7 @@ def _cell_uniforms(seed: int, stream: int, cells: _Cells, n_slots: int, n_attr: 
     gz, gy, gx = (g[..., None, None] for g in cells.grid)
     slot = np.arange(n_slots)[:, None]
     attr = np.arange(n_attr)[None, :]
-    u = _uniform(_hash(seed, stream, gz, gy, gx, slot, attr))  # (nz, ny, nx, slots, attrs)
+    u = _uniform(seed, stream, gz, gy, gx, slot, attr)  # (nz, ny, nx, slots, attrs)
     return np.moveaxis(u.reshape(-1, n_slots, n_attr), -1, 0)
 
 
@@ -463,8 +432,8 @@ def synth_block(offset: tuple[int, int, int], shape: tuple[int, int, int], *, se
     cells = _cell_neighbourhood(seed, p, origin, ext)
     label, wall = _voronoi(cells, p, origin, ext, disp)
 
-    dark = _uniform(_hash(seed, _S_DARK, *cells.grid)).ravel() < _DARK_CELL_FRACTION
-    t = _uniform(_hash(seed, _S_LEVEL, *cells.grid)).ravel()
+    dark = _uniform(seed, _S_DARK, *cells.grid).ravel() < _DARK_CELL_FRACTION
+    t = _uniform(seed, _S_LEVEL, *cells.grid).ravel()
     lo, hi = np.where(dark, _DARK_CELL[0], _LIGHT_CELL[0]), np.where(dark, _DARK_CELL[1], _LIGHT_CELL[1])
     level = (lo + t * (hi - lo)).astype(np.float32)
     grain = _value_noise(seed, _S_GRAIN, coords, 4.0)
