@@ -1,5 +1,40 @@
-"""d2r-dask: isotropic volume EM from anisotropic stacks with D2R, blockwise on Dask over OME-Zarr."""
+"""d2r-dask: isotropic volume EM from anisotropic stacks with D2R, blockwise on Dask over OME-Zarr.
+
+The Python API mirrors the ``d2r`` commands::
+
+    import d2r_dask as d2r
+    lr = d2r.open_volume("lr.zarr")                       # lazy (z, y, x) DataArray in nm
+    d2r.run("lr.zarr", "sr.zarr", d2r.RunConfig(factor=8))  # Stages I-IV, resumable
+    from d2r_dask.evaluate import evaluate
+    evaluate("gt.zarr", {"sr": "sr.zarr"}, lr_path="lr.zarr", out_dir="report")
+
+Names are imported on first use, so ``import d2r_dask`` stays cheap.
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "open_volume": "volume", "write_volume": "volume", "create_volume": "volume", "Geometry": "volume",
+    "AxialDegradation": "degrade", "degrade_volume": "degrade", "upsample_axis": "degrade",
+    "synth_dask": "synth", "synth_block": "synth",
+    "run_blockwise": "engine", "ModelSpec": "processors", "connect": "cluster",
+    "TrainConfig": "train", "RestorerConfig": "train", "DGEANTrainConfig": "train",
+    "train_restorer": "train", "train_dgean": "train",
+    "RunConfig": "pipeline", "run": "pipeline", "plan": "pipeline",
+}
+# convert, restore, infer, evaluate and demo share their module's name: import them from
+# there (``from d2r_dask.infer import infer``), as a submodule import would shadow them here.
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'd2r_dask' has no attribute {name!r}")
