@@ -4,8 +4,8 @@
 one worker per GPU, where GPUs and dask-cuda are present); ``connect("tcp://...")``
 joins a running scheduler (dask-jobqueue on SLURM, a dask-cuda node, ...);
 ``connect(client)`` uses a ``Client`` the caller made. Threads are never
-oversubscribed: each worker runs one task at a time and torch gets
-``cores // workers`` threads.
+oversubscribed: each worker runs one task at a time, and the engine gives torch
+``cores // workers on the host`` threads.
 """
 
 from __future__ import annotations
@@ -28,11 +28,6 @@ def gpu_count() -> int:
         return torch.cuda.device_count() if torch.cuda.is_available() else 0
     except Exception:  # pragma: no cover - broken CUDA installs
         return 0
-
-
-def torch_threads_per_worker(n_workers: int) -> int:
-    """Torch threads for each of ``n_workers`` one-task workers on this machine."""
-    return max(1, (os.cpu_count() or 1) // max(1, n_workers))
 
 
 def local_cluster(*, n_workers: int | None = None, memory_limit: str | None = "auto",

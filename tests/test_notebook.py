@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -26,4 +25,3 @@ def test_walkthrough_notebook_executes(tmp_path, monkeypatch):
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if "image/png" in o.get("data", {})]
     assert len(images) >= 3  # the slices are shown inline
-    assert os.environ["D2R_NOTEBOOK_QUICK"] == "1"
