@@ -266,18 +266,21 @@ roi_option = click.option("--roi", nargs=6, type=int, default=None, metavar="Z0 
 @click.option("--steps", type=int, default=None, help="Override the sampler's network evaluations.")
 @click.option("--seed", type=int, default=0)
 @click.option("--batch", type=int, default=64, help="Slices per network batch.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the network (GPU).")
 @cluster_options
 @_levels_option
 @_overwrite_option
 def restore(lr_volume: Path, output: Path, model: Path, roi: tuple[int, ...] | None, block: tuple[int, int, int],
             overlap: tuple[int, int, int], sampler: str | None, steps: int | None, seed: int, batch: int,
-            scheduler: str | None, workers: int | None, serial: bool, levels: int, overwrite: bool) -> None:
+            compile_: bool, scheduler: str | None, workers: int | None, serial: bool, levels: int,
+            overwrite: bool) -> None:
     """Stage II: restore every XZ and YZ slice of LR_VOLUME and fuse them (pseudo-HR)."""
     from .restore import restore as run_restore
 
     with _client(scheduler, workers, serial) as client:
         run_restore(lr_volume, output, model, roi=_roi(roi), block=block, overlap=overlap, sampler=sampler,
-                    steps=steps, seed=seed, batch=batch, client=client, serial=serial, overwrite=overwrite,
+                    steps=steps, seed=seed, batch=batch, compile=compile_, client=client, serial=serial,
+                    overwrite=overwrite,
                     levels=levels)
     click.echo(f"wrote {output}")
 

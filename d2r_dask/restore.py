@@ -36,7 +36,8 @@ class RestorerProcessor:
     """Stage II on one device: ``(B, Z, Y, X)`` LR tiles -> ``(B, Z*s, Y, X)`` pseudo-HR."""
 
     def __init__(self, directory: str, device: str, *, sampler: str | None = None, steps: int | None = None,
-                 seed: int = 0, batch: int = 64, orientations: Sequence[str] = ("xz", "yz")) -> None:
+                 seed: int = 0, batch: int = 64, orientations: Sequence[str] = ("xz", "yz"),
+                 compile: bool = False) -> None:
         from .train import load_restorer
 
         net, self.sde, config = load_restorer(directory)
@@ -44,6 +45,8 @@ class RestorerProcessor:
         self.net = net.to(self.device)
         if self.device.type == "cuda":
             self.net = self.net.to(memory_format=torch.channels_last)
+        if compile:  # shapes vary only between edge and interior tiles: few recompilations
+            self.net = torch.compile(self.net, dynamic=False)
         self.factor, self.mode = int(config["factor"]), str(config["mode"])
         self.sampler = sampler or config.get("sampler", {}).get("name", "ddim")
         self.steps = steps if steps is not None else config.get("sampler", {}).get("steps")
@@ -127,6 +130,7 @@ def restore(
     steps: int | None = None,
     seed: int = 0,
     batch: int = 64,
+    compile: bool = False,
     client: Any = None,
     serial: bool = False,
     overwrite: bool = False,
@@ -143,7 +147,7 @@ def restore(
     config = read_config(model, "restorer")
     factor, mode = int(config["factor"]), str(config["mode"])
     lr = open_volume(lr_path)
-    options: dict[str, Any] = {"seed": seed, "batch": batch}
+    options: dict[str, Any] = {"seed": seed, "batch": batch, "compile": compile}
     if sampler is not None:
         options["sampler"] = sampler
     if steps is not None:
