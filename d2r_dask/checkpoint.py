@@ -67,6 +67,8 @@ def read_config(directory: str | os.PathLike, kind: str | None = None) -> dict[s
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is corrupt ({exc}); retrain or restore it from a backup") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} is corrupt (not a JSON object); retrain or restore it from a backup")
     if kind is not None and config.get("kind") != kind:
         raise CheckpointError(
             f"{directory} holds a {config.get('kind')!r} model, but a {kind!r} model is needed here"

@@ -22,7 +22,7 @@ import numpy as np
 from .degrade import to_dtype
 from .errors import InputError
 from .geometry import Box, check_factor, check_mode, sr_transform
-from .metrics import MetricAccumulator, boundary_agreement, boundary_map, interpolate_z
+from .metrics import SSIM_WIN, MetricAccumulator, boundary_agreement, boundary_map, interpolate_z
 from .volume import Geometry, open_volume
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,10 @@ def evaluate(
                                gt_box)
     if not sources:
         raise InputError("nothing to evaluate: give a result volume and/or --lr")
+    for name, (_, gt_box) in sources.items():
+        if min(gt_box.shape) < SSIM_WIN:  # checked here, before any scoring, to fail with the fix
+            raise InputError(f"{name} covers only {gt_box.shape} voxels of the ground truth; SSIM needs at least "
+                             f"{SSIM_WIN} along each axis: score a larger region")
 
     results: dict[str, Any] = {}
     for name, (reader, gt_box) in sources.items():

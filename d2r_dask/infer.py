@@ -45,7 +45,7 @@ class DGEANProcessor:
         if compile:
             self.forward = torch.compile(self.forward)
         self.intensity = Intensity(**config["intensity"])
-        self.factor = int(config["factor"])
+        self.factor = net.cfg.factor
         self.scale: Triple = (self.factor, 1, 1)
         self.halo: Triple = tuple(receptive_field(net.cfg))  # type: ignore[assignment]
 
@@ -85,11 +85,10 @@ def infer(
 
     Restarting with the same arguments resumes at the first unfinished chunk.
     """
-    from .checkpoint import read_config
-    from .models.dgean import DGEANConfig, receptive_field
+    from .models.dgean import receptive_field
+    from .train import read_dgean_config
 
-    config = read_config(model, "dgean")
-    cfg = DGEANConfig.from_dict(config["model"])
+    cfg, _ = read_dgean_config(model)
     halo = receptive_field(cfg)
     lr = open_volume(lr_path)
     options: dict[str, Any] = {"tta": tta, "compile": compile}

@@ -104,7 +104,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
-        """Build from nested mappings (a config file), naming any unknown key."""
+        """Build from nested mappings (a config file), naming any unknown key or mistyped value."""
         kwargs: dict[str, Any] = {}
         known = {f.name: f for f in fields(cls)}
         for key, value in data.items():
@@ -112,13 +112,43 @@ class RunConfig:
                 raise InputError(f"unknown config key {key!r}; known: {', '.join(known)}")
             sub = _SECTIONS.get(key)
             if sub is not None:
-                sub_known = {f.name for f in fields(sub)}
-                bad = sorted(set(value) - sub_known)
+                if not isinstance(value, Mapping):
+                    raise InputError(f"config section {key!r} must be a mapping of options, got {value!r}")
+                sub_known = {f.name: f for f in fields(sub)}
+                bad = sorted(set(value) - set(sub_known))
                 if bad:
                     raise InputError(f"unknown keys in [{key}]: {bad}; known: {sorted(sub_known)}")
-                value = sub(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+                value = sub(**{k: _parse_option(f"{key}.{k}", v, sub_known[k].default) for k, v in value.items()})
+            elif key not in ("factor", "mode"):  # those two are checked with their own messages
+                value = _parse_option(key, value, known[key].default)
             kwargs[key] = value
         return cls(**kwargs)
+
+
+def _parse_option(name: str, value: Any, default: Any) -> Any:
+    """``value`` checked against the type of the option's ``default`` (lists become tuples).
+
+    Options that default to None take any value of the right shape (checked where used).
+    """
+    if isinstance(value, list):
+        value = tuple(value)
+    if default is None:
+        return value
+    if isinstance(default, tuple):
+        ok = isinstance(value, tuple) and len(value) == len(default) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value)
+        want = f"{len(default)} integers (z, y, x), e.g. {list(default)}"
+    elif isinstance(default, bool):
+        ok, want = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    else:
+        ok, want = isinstance(value, type(default)), f"a {type(default).__name__}"
+    if not ok:
+        raise InputError(f"config option {name} must be {want}, got {value!r}")
+    return value
 
 
 _SECTIONS = {"restorer": RestorerStage, "restore": RestoreStage, "dgean": DGEANStage, "infer": InferStage}
@@ -133,10 +163,16 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     if path.suffix.lower() == ".toml":
         import tomllib
 
-        return tomllib.loads(text)
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise InputError(f"{path} is not valid TOML ({exc})") from exc
     import yaml
 
-    data = yaml.safe_load(text) or {}
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path} is not valid YAML ({exc})") from exc
     if not isinstance(data, dict):
         raise InputError(f"{path} must hold a mapping of options")
     return data
@@ -148,7 +184,12 @@ def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, An
     for key, value in overrides.items():
         if value is None:
             continue
-        out[key] = merge(out.get(key, {}), value) if isinstance(value, Mapping) else value
+        if isinstance(value, Mapping):
+            section = out.get(key, {})
+            if not isinstance(section, Mapping):
+                raise InputError(f"config section {key!r} must be a mapping of options, got {section!r}")
+            value = merge(section, value)
+        out[key] = value
     return out
 
 
@@ -209,7 +250,7 @@ def plan(lr_path: str | os.PathLike, cfg: RunConfig) -> dict[str, Any]:
     tiles = math.prod(grid_shape(roi.shape, cfg.restore.block))
     tile = [b + 2 * o for b, o in zip(cfg.restore.block, cfg.restore.overlap)]
     slices_per_tile = tile[1] + tile[2]
-    nfe = cfg.restorer.sampler_steps if cfg.restorer.sampler != "sde" else 100
+    nfe = cfg.restorer.sampler_steps  # what Stage II runs, whichever the sampler
     dcfg = dgean_config(cfg.dgean.preset, s, cfg.mode)
     halo = receptive_field(dcfg)
     blocks = math.prod(grid_shape(shape, cfg.infer.block))
@@ -292,6 +333,7 @@ def run(
     record.update({"input": str(paths.lr.resolve()), "output": str(paths.output.resolve()),
                    "config": cfg.to_dict(), "versions": _versions(), "plan": plan(paths.lr, cfg)})
     record.setdefault("stages", {})
+    record["finished"] = False  # until the last stage is done again (its output may have been deleted)
     write_json(paths.record, record)
 
     def stage(name: str, done: bool, fn: Any) -> None:
@@ -313,7 +355,7 @@ def run(
     stage("restorer", _training_done(paths.restorer, r.steps), lambda: train_restorer(
         paths.lr, paths.restorer,
         RestorerConfig(factor=cfg.factor, mode=cfg.mode, preset=r.preset, patch=r.patch, sampler=r.sampler,
-                       sampler_steps=r.sampler_steps),
+                       sampler_steps=r.sampler_steps, val_sampler_steps=r.sampler_steps),
         TrainConfig(steps=r.steps, batch_size=r.batch_size, lr=restorer_lr, seed=cfg.seed, device=cfg.device,
                     checkpoint_every=max(1, r.steps // 6), val_every=max(1, r.steps // 3)),
         resume=True, progress=progress))

@@ -142,9 +142,9 @@ def restore(
     Tiles of ``block`` LR voxels overlap by ``2 * overlap`` and are blended. Restarting
     with the same arguments resumes.
     """
-    from .checkpoint import read_config
+    from .train import read_restorer_config
 
-    config = read_config(model, "restorer")
+    *_, config = read_restorer_config(model)
     factor, mode = int(config["factor"]), str(config["mode"])
     lr = open_volume(lr_path)
     options: dict[str, Any] = {"seed": seed, "batch": batch, "compile": compile}

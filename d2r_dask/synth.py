@@ -283,7 +283,9 @@ def _power_cells(w: list[np.ndarray], pos: np.ndarray, weight: np.ndarray, round
             np.maximum(f1, face, out=tmp)
             np.minimum(f2, tmp, out=f2)
             np.minimum(f1, face, out=f1)
-        h = np.maximum(np.float32(rounding) - (f2 - f1), 0) / np.float32(rounding)
+        with np.errstate(invalid="ignore"):  # inf - inf where no face is in reach: no rounding there
+            gap = np.where(np.isinf(f2), np.float32(np.inf), f2 - f1)
+        h = np.maximum(np.float32(rounding) - gap, 0) / np.float32(rounding)
         sorted_wall[seg] = np.minimum(f1 - h * h * np.float32(rounding / 4), np.float32(cap))
     wall = np.empty_like(sorted_wall)
     wall[order] = sorted_wall

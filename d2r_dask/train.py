@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import load_into, read_config, read_train_state, save_checkpoint
+from .checkpoint import TRAIN_STATE, load_into, read_config, read_train_state, save_checkpoint
 from .errors import CheckpointError, InputError, OutputExistsError
 from .geometry import check_factor, check_mode
-from .patches import PatchSource, axial_pair, lateral_pair, step_rng
+from .patches import Intensity, PatchSource, axial_pair, lateral_pair, step_rng
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +109,17 @@ def fit(
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
-    start = 0
+    start, losses = 0, []  # recent training losses: saved with the state, so logs match across a resume
     state = read_train_state(out) if out.exists() else None
-    if state is not None and not resume and not overwrite:
+    if (state is not None or (out / "config.json").exists()) and not resume and not overwrite:
         raise OutputExistsError(f"{out} holds a training run; pass --resume to continue it or --overwrite to restart")
+    if resume and state is None and (out / "config.json").exists() and not overwrite:
+        raise CheckpointError(f"{out} holds a checkpoint without its training state ({TRAIN_STATE}), so it cannot be "
+                              "resumed; use another --out, or --overwrite to train from scratch")
     if resume and state is not None:
-        previous = read_config(out)
-        for key in ("kind", "model", "factor", "mode"):
+        # the state carries its config: a crash between writing it and config.json still resumes
+        previous = state.get("config") or read_config(out)
+        for key in ("kind", "model", "factor", "mode", "intensity"):
             if previous.get(key) != checkpoint_config.get(key):
                 raise CheckpointError(
                     f"cannot resume {out}: its {key} is {previous.get(key)!r}, this run's is "
@@ -126,6 +130,7 @@ def fit(
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start = int(state["step"])
+        losses = list(state.get("losses", []))  # the logged train_loss averages span the resume
         log.info("resuming %s at step %d", out, start)
     elif resume:
         log.info("nothing to resume in %s; starting from step 0", out)
@@ -134,10 +139,22 @@ def fit(
     _truncate_log(metrics_path, start)
 
     use_amp = cfg.amp and device.type == "cuda"
-    t0, losses = time.time(), []
+    t0, keep = time.time(), max(cfg.val_every, 50)
     from tqdm.auto import tqdm
 
+    def checkpoint(done: int) -> None:
+        save_checkpoint(
+            out,
+            weights=ema.state_dict(),
+            config={**checkpoint_config, "step": done, "train": cfg.to_dict(), "d2r_version": __version__},
+            train_state={"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), "step": done, "losses": losses,
+                         "config": dict(checkpoint_config)},
+        )
+
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {out.name}", unit="step", disable=not progress)
+    if start >= cfg.steps:  # killed while writing the last checkpoint: finish writing it
+        checkpoint(start)
     for step in range(start, cfg.steps):
         model.train()
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -149,7 +166,7 @@ def fit(
         opt.step()
         sched.step()
         _ema_update(ema, model, min(cfg.ema, (1 + step) / (10 + step)))  # warm-up: early EMA follows the model
-        losses.append(float(loss.detach()))
+        losses = [*losses[1 - keep:], float(loss.detach())]
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4g}")
         done = step + 1
@@ -158,13 +175,7 @@ def fit(
             _append_row(metrics_path, row)
             log.info("step %d: %s", done, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step"))
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            save_checkpoint(
-                out,
-                weights=ema.state_dict(),
-                config={**checkpoint_config, "step": done, "train": cfg.to_dict(), "d2r_version": __version__},
-                train_state={"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                             "scheduler": sched.state_dict(), "step": done},
-            )
+            checkpoint(done)
     bar.close()
     return {"steps": cfg.steps, "started_at_step": start, "seconds": time.time() - t0,
             "final_loss": float(np.mean(losses[-50:])) if losses else None, "out": str(out)}
@@ -297,18 +308,29 @@ def train_restorer(
                overwrite=overwrite, progress=progress)
 
 
-def load_restorer(directory: str | os.PathLike) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
-    """``(network, IRSDE, config)`` of a Stage I checkpoint, network in eval mode on the CPU."""
-    from .models.nafnet import ConditionalNAFNet, NAFNetConfig
-    from .models.sde import IRSDE, SDEConfig
+def read_restorer_config(directory: str | os.PathLike) -> tuple[Any, Any, dict[str, Any]]:
+    """``(NAFNetConfig, SDEConfig, config)`` of a Stage I checkpoint, checked (CheckpointError)."""
+    from .models.nafnet import NAFNetConfig
+    from .models.sde import SDEConfig
 
     config = read_config(directory, "restorer")
     try:
-        net = ConditionalNAFNet(NAFNetConfig.from_dict(config["model"]))
-        sde = IRSDE(SDEConfig.from_dict(config["sde"]))
+        parsed = NAFNetConfig.from_dict(config["model"]), SDEConfig.from_dict(config["sde"])
+        check_factor(int(config["factor"]))
+        check_mode(config["mode"])
+        Intensity(**config["intensity"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{directory}/config.json does not describe a restorer ({exc})") from exc
-    return load_into(net, directory).eval(), sde, config
+    return (*parsed, config)
+
+
+def load_restorer(directory: str | os.PathLike) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """``(network, IRSDE, config)`` of a Stage I checkpoint, network in eval mode on the CPU."""
+    from .models.nafnet import ConditionalNAFNet
+    from .models.sde import IRSDE
+
+    net_cfg, sde_cfg, config = read_restorer_config(directory)
+    return load_into(ConditionalNAFNet(net_cfg), directory).eval(), IRSDE(sde_cfg), config
 
 
 # --- Stage III: DGEAN -------------------------------------------------------------------
@@ -371,6 +393,9 @@ def train_dgean(
         log.warning("%s is too thin to hold out a validation patch; validating on training slices", hr_volume)
     torch.manual_seed(tcfg.seed)
     net_cfg = dgean_config(dcfg.preset, s, dcfg.mode)
+    if dcfg.patch_lr_z < net_cfg.ca_pool:  # torch's pooling refuses inputs thinner than its window
+        raise InputError(f"patch of {dcfg.patch_lr_z} LR slices is thinner than DGEAN's {net_cfg.ca_pool}-slice "
+                         f"attention window; use --patch-lr-z >= {net_cfg.ca_pool}")
     model = DGEAN(net_cfg)
     device = pick_device(tcfg.device)
 
@@ -419,16 +444,25 @@ def train_dgean(
                overwrite=overwrite, progress=progress)
 
 
-def load_dgean(directory: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """``(network, config)`` of a Stage III checkpoint, in eval mode on the CPU."""
-    from .models.dgean import DGEAN, DGEANConfig
+def read_dgean_config(directory: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
+    """``(DGEANConfig, config)`` of a Stage III checkpoint, checked (CheckpointError)."""
+    from .models.dgean import DGEANConfig
 
     config = read_config(directory, "dgean")
     try:
-        net = DGEAN(DGEANConfig.from_dict(config["model"]))
+        cfg = DGEANConfig.from_dict(config["model"])
+        Intensity(**config["intensity"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{directory}/config.json does not describe a DGEAN ({exc})") from exc
-    return load_into(net, directory).eval(), config
+    return cfg, config
+
+
+def load_dgean(directory: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """``(network, config)`` of a Stage III checkpoint, in eval mode on the CPU."""
+    from .models.dgean import DGEAN
+
+    cfg, config = read_dgean_config(directory)
+    return load_into(DGEAN(cfg), directory).eval(), config
 
 
 def _save_panels(path: Path, rows: list[np.ndarray], titles: list[str]) -> None:

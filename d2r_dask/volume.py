@@ -463,6 +463,7 @@ def finalize_volume(path: str | os.PathLike, *, levels: int = 1, min_size: int =
             compressors=base.compressors,
             fill_value=0,
             dimension_names=AXES,
+            overwrite=True,  # derived data: a level left by an interrupted finalize is redone
         )
         da.store(lazy.rechunk(out.chunks), out, lock=False)
         tr = tr + (f - 1) * vs / 2.0  # a coarse voxel's centre is the mean of its fine centres

@@ -1,0 +1,409 @@
+"""``d2r run``: the plan, a run end to end, its record, configuration files, and resuming after
+a ``kill -9`` in any of the four stages (bit-identical to an uninterrupted run).
+
+The kill tests run the pipeline in a subprocess that pauses right after the stage of interest
+has written its first partial result (a training checkpoint, a finished block), so the kill
+always lands mid-stage; the test SIGKILLs it there, reruns in this process and compares with
+one uninterrupted reference run shared by the module. To stay affordable, the killed run's
+workdir starts with the stages before the one killed as the reference finished them (the
+subprocess skips them by the same checks any rerun uses).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import assert_cli_error, assert_cli_ok
+from d2r_testkit import one_torch_thread, synth_array, write  # noqa: F401  (autouse fixture)
+
+from d2r_dask import engine
+from d2r_dask import train as train_mod
+from d2r_dask.errors import InputError, ResumeMismatchError
+from d2r_dask.pipeline import (
+    STAGES,
+    DGEANStage,
+    InferStage,
+    RestorerStage,
+    RestoreStage,
+    RunConfig,
+    config_template,
+    default_workdir,
+    load_config_file,
+    plan,
+    run,
+)
+from d2r_dask.volume import is_complete, open_volume
+
+S = 4
+VOXEL, ORIGIN = (40.0, 5.0, 5.0), (100.0, 20.0, -10.0)
+
+
+def tiny_config(**overrides: Any) -> RunConfig:
+    """Every stage at its smallest: 2 Stage II tiles and 2 Stage IV blocks, so both
+    blockwise stages can be caught half done."""
+    return replace(RunConfig(
+        factor=S,
+        restorer=RestorerStage(patch=32, steps=4, batch_size=2, sampler_steps=2),
+        restore=RestoreStage(max_roi=(8, 32, 32), block=(8, 16, 32), overlap=(2, 4, 4)),
+        dgean=DGEANStage(patch_xy=16, patch_lr_z=3, steps=4, batch_size=2),
+        infer=InferStage(block=(8, 16, 32)),
+    ), **overrides)
+
+
+RUN = {"serial": True, "progress": False, "levels": 1}
+
+
+@pytest.fixture(scope="module")
+def lr(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write(tmp_path_factory.mktemp("pipeline") / "lr.zarr", synth_array((8, 32, 32), seed=21), VOXEL, ORIGIN,
+                 chunks=(4, 16, 16))
+
+
+@pytest.fixture(scope="module")
+def reference(lr: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One uninterrupted run of :func:`tiny_config` (in this process)."""
+    out = tmp_path_factory.mktemp("reference") / "sr.zarr"
+    record = run(lr, out, tiny_config(), **RUN)
+    return {"out": out, "record": record, "sr": open_volume(out).values}
+
+
+# --- plan and dry run -------------------------------------------------------------------------
+
+
+def test_plan_counts_blocks_tiles_and_evaluations(tmp_path: Path) -> None:
+    path = write(tmp_path / "lr.zarr", np.zeros((8, 40, 40), np.uint8), VOXEL, ORIGIN)
+    cfg = replace(tiny_config(), restore=RestoreStage(max_roi=(8, 32, 32), block=(4, 16, 16), overlap=(1, 4, 4)),
+                  infer=InferStage(block=(4, 16, 16)))
+    p = plan(path, cfg)
+    assert p["input"]["shape"] == (8, 40, 40) and p["input"]["output_shape"] == (32, 40, 40)
+    one, two, three, four = p["stages"]
+    assert one["network_evaluations"] == 4 * 2 and one["patch"] == [32, 32]
+    assert two["roi"] == [[0, 4, 4], [8, 36, 36]]  # centred, at most max_roi
+    assert two["tiles"] == 2 * 2 * 2
+    assert two["slices"] == 8 * (24 + 24)  # one XZ slice per y and one YZ slice per x of each 6x24x24 tile
+    assert two["network_evaluations"] == 8 * 48 * 2
+    assert three["network_evaluations"] == 4 * 2
+    assert four["blocks"] == 2 * 3 * 3 and four["halo"] == [12, 12, 12]
+    assert four["network_evaluations"] == 18
+    sde = plan(path, replace(cfg, restorer=replace(cfg.restorer, sampler="sde")))["stages"][1]
+    assert sde["network_evaluations"] == 8 * 48 * 2 and sde["sampler"] == "sde x2"  # the steps Stage II runs
+    tta = plan(path, replace(cfg, infer=InferStage(block=(4, 16, 16), tta=True)))["stages"][3]
+    assert tta["network_evaluations"] == 8 * 18 and tta["gflop"] == pytest.approx(8 * four["gflop"])
+
+
+def test_dry_run_prints_the_plan_and_computes_nothing(tmp_path: Path, lr: Path, cli_run: Callable[..., Any]) -> None:
+    out = tmp_path / "sr.zarr"
+    result = cli_run("run", lr, out, "--factor", S, "--dry-run")
+    assert_cli_ok(result)
+    printed = json.loads(result.output)
+    assert printed == json.loads(json.dumps(plan(lr, RunConfig(factor=S)), default=str))
+    assert not out.exists() and not default_workdir(out).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# --- a run end to end --------------------------------------------------------------------------
+
+
+def test_run_writes_sr_and_a_record(reference: dict[str, Any], lr: Path) -> None:
+    out = reference["out"]
+    sr = open_volume(out)
+    assert sr.shape == (8 * S, 32, 32) and sr.dtype == np.uint8
+    np.testing.assert_allclose(sr.attrs["voxel_size"], (VOXEL[0] / S, *VOXEL[1:]))
+    np.testing.assert_allclose(sr.attrs["translation"], ORIGIN)  # decimate: SR slice k*s is LR slice k
+    assert 10 < reference["sr"].mean() < 245 and reference["sr"].std() > 5
+    record = json.loads((default_workdir(out) / "run.json").read_text())
+    assert record == json.loads(json.dumps(reference["record"], default=str))
+    assert record["finished"] is True
+    assert record["config"] == tiny_config().to_dict()
+    assert record["input"] == str(lr.resolve()) and record["output"] == str(out.resolve())
+    assert {"d2r_dask", "python", "torch", "dask", "zarr", "numpy"} <= set(record["versions"])
+    assert record["versions"]["torch"] == torch.__version__
+    assert list(record["stages"]) == list(STAGES)
+    for name, entry in record["stages"].items():
+        assert entry["status"] == "done", name
+        assert entry["seconds"] > 0, name
+    assert [s["stage"][:3] for s in record["plan"]["stages"]] == ["I t", "II ", "III", "IV "]
+    work = default_workdir(out)
+    assert is_complete(work / "pseudo_hr.zarr")
+    assert json.loads((work / "restorer" / "config.json").read_text())["step"] == 4
+    assert json.loads((work / "dgean" / "config.json").read_text())["step"] == 4
+
+
+def test_rerun_with_another_config_is_refused(reference: dict[str, Any], lr: Path) -> None:
+    record = default_workdir(reference["out"]) / "run.json"
+    before = record.read_bytes()
+    other = tiny_config(seed=1)
+    with pytest.raises(ResumeMismatchError, match="seed"):
+        run(lr, reference["out"], other, **RUN)
+    with pytest.raises(ResumeMismatchError, match="restorer"):
+        run(lr, reference["out"], replace(other, seed=0, restorer=replace(other.restorer, steps=5)), **RUN)
+    assert record.read_bytes() == before
+
+
+def test_finished_run_reruns_without_computing(reference: dict[str, Any], lr: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    def forbidden(*args: Any, **kw: Any) -> None:
+        raise AssertionError("a finished run computed something")
+
+    monkeypatch.setattr(train_mod, "fit", forbidden)
+    monkeypatch.setattr(engine, "run_group", forbidden)
+    record = run(lr, reference["out"], tiny_config(), **RUN)
+    assert {k: v["seconds"] for k, v in record["stages"].items()} == \
+        {k: v["seconds"] for k, v in reference["record"]["stages"].items()}
+
+
+# --- kill -9 in any stage ------------------------------------------------------------------------
+
+_PAUSING_RUN = """
+import json, sys, time
+from pathlib import Path
+import torch
+torch.set_num_threads(1)  # as the test process: the same floating-point results
+from d2r_dask import engine, pipeline, train
+from d2r_dask.pipeline import RunConfig
+
+lr, out, config, stage, flag = sys.argv[1:6]
+
+def pause():  # the stage has a partial result on disk: wait here to be killed
+    Path(flag).write_text("paused")
+    time.sleep(600)
+
+if stage in ("restorer", "dgean"):
+    real_save = train.save_checkpoint
+    def save(directory, **kw):
+        real_save(directory, **kw)
+        if Path(directory).name == stage:
+            pause()
+    train.save_checkpoint = save
+else:
+    real_group = engine.run_group
+    target = "pseudo_hr.zarr" if stage == "pseudo_hr" else Path(out).name
+    def group(job, phase, gid):
+        n = real_group(job, phase, gid)
+        if Path(job.output).name == target:
+            pause()
+        return n
+    engine.run_group = group
+pipeline.run(lr, out, RunConfig.from_dict(json.loads(config)), serial=True, progress=False, levels=1)
+"""
+
+ARTIFACTS = {"restorer": "restorer/weights.safetensors", "pseudo_hr": "pseudo_hr.zarr/zarr.json",
+             "dgean": "dgean/weights.safetensors"}
+
+
+def seed_workdir(reference: Path, out: Path, stage: str) -> None:
+    """Give ``out``'s workdir the stages before ``stage`` as the reference run finished them,
+    with their run.json entries, so the killed run starts at ``stage`` (each stage costs
+    seconds; the subprocess still skips them by the same checks as any rerun)."""
+    ref_work, work = default_workdir(reference), default_workdir(out)
+    earlier = STAGES[:STAGES.index(stage)]
+    work.mkdir(parents=True)
+    for s in earlier:
+        name = ARTIFACTS[s].split("/")[0]
+        shutil.copytree(ref_work / name, work / name)
+    record = json.loads((ref_work / "run.json").read_text())
+    record["stages"] = {s: record["stages"][s] for s in earlier}
+    record["output"] = str(out.resolve())  # "finished": true stays, as after deleting a finished run's outputs
+    (work / "run.json").write_text(json.dumps(record))
+
+
+def kill_mid_stage(tmp_path: Path, lr: Path, out: Path, cfg: RunConfig, stage: str, timeout: float = 120) -> None:
+    script = tmp_path / "pausing_run.py"
+    script.write_text(textwrap.dedent(_PAUSING_RUN))
+    flag = tmp_path / "paused"
+    proc = subprocess.Popen([sys.executable, str(script), str(lr), str(out), json.dumps(cfg.to_dict()), stage,
+                             str(flag)], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while not flag.exists():
+            assert proc.poll() is None, f"the run ended before reaching {stage}: {proc.stderr.read().decode()[-3000:]}"
+            assert time.monotonic() < deadline, f"the run did not reach {stage} in {timeout} s"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()  # type: ignore[union-attr]
+
+
+def resume_and_check(lr: Path, out: Path, cfg: RunConfig, stage: str, reference: np.ndarray,
+                     monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Rerun after the kill; check that only the killed stage's rest and later stages ran."""
+    work = default_workdir(out)
+    killed_record = json.loads((work / "run.json").read_text())
+    assert killed_record["finished"] is False
+    killed = killed_record["stages"]
+    earlier = list(STAGES[:STAGES.index(stage)])
+    assert killed[stage]["status"] == "running"
+    assert [k for k, v in killed.items() if v["status"] == "done"] == earlier
+    mtimes = {s: (work / ARTIFACTS[s]).stat().st_mtime_ns for s in earlier}
+    if stage in ("restorer", "dgean"):
+        assert json.loads((work / stage / "config.json").read_text())["step"] == 1  # one checkpoint of 4
+    else:
+        partial = work / "pseudo_hr.zarr" if stage == "pseudo_hr" else out
+        assert partial.exists() and not is_complete(partial)
+
+    fits: list[dict[str, Any]] = []
+    groups: Counter[str] = Counter()
+    real_fit, real_group = train_mod.fit, engine.run_group
+
+    def spy_fit(*args: Any, **kw: Any) -> dict[str, Any]:
+        summary = real_fit(*args, **kw)
+        fits.append(summary)
+        return summary
+
+    def spy_group(job: Any, phase: str, gid: int) -> int:
+        groups[Path(job.output).name] += 1
+        return real_group(job, phase, gid)
+
+    monkeypatch.setattr(train_mod, "fit", spy_fit)
+    monkeypatch.setattr(engine, "run_group", spy_group)
+    record = run(lr, out, cfg, **RUN)
+
+    assert record["finished"] is True
+    assert all(v["status"] == "done" for v in record["stages"].values())
+    for s in earlier:  # not recomputed
+        assert record["stages"][s]["seconds"] == killed[s]["seconds"], s
+        assert (work / ARTIFACTS[s]).stat().st_mtime_ns == mtimes[s], s
+    trained = [Path(f["out"]).name for f in fits]
+    assert trained == [s for s in ("restorer", "dgean") if STAGES.index(s) >= STAGES.index(stage)]
+    if stage in ("restorer", "dgean"):
+        assert fits[0]["started_at_step"] == 1, "training restarted instead of resuming"
+    if stage == "pseudo_hr":  # 2 tiles + 2 merges fresh; the first tile was done before the kill
+        assert groups["pseudo_hr.zarr"] == 3
+    if STAGES.index(stage) <= STAGES.index("pseudo_hr"):
+        assert groups["pseudo_hr.zarr"] > 0
+    else:
+        assert groups["pseudo_hr.zarr"] == 0
+    assert groups[out.name] == (1 if stage == "sr" else 2)
+    np.testing.assert_array_equal(open_volume(out).values, reference)
+    return record
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", STAGES)
+def test_resume_after_kill_9_in_any_stage(stage: str, tmp_path: Path, lr: Path, reference: dict[str, Any],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "sr.zarr"
+    cfg = tiny_config()
+    seed_workdir(reference["out"], out, stage)
+    kill_mid_stage(tmp_path, lr, out, cfg, stage)
+    resume_and_check(lr, out, cfg, stage, reference["sr"], monkeypatch)
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_resume_after_kill_9_on_fib25_x4(tmp_path: Path, shared_data: Callable[[str], Path],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """fib25 (10 nm isotropic), a 32 x 64 x 64 crop decimated x4 along z, killed in Stage II."""
+    from d2r_dask.convert import convert
+
+    tif = shared_data("fib25_sample1_10nm.tif")
+    gt = convert(tif, tmp_path / "gt.zarr", voxel_size=(10.0, 10.0, 10.0), levels=1)
+    crop = open_volume(gt).values[100:132, 90:154, 90:154]
+    lr = write(tmp_path / "lr.zarr", crop[::S], (10.0 * S, 10.0, 10.0), chunks=(8, 32, 32))
+    cfg = tiny_config(restore=RestoreStage(max_roi=(8, 32, 32), block=(8, 16, 32), overlap=(2, 4, 4)),
+                      infer=InferStage(block=(8, 32, 64)))
+    run(lr, tmp_path / "ref.zarr", cfg, **RUN)
+    reference = open_volume(tmp_path / "ref.zarr").values
+    out = tmp_path / "sr.zarr"
+    seed_workdir(tmp_path / "ref.zarr", out, "pseudo_hr")
+    kill_mid_stage(tmp_path, lr, out, cfg, "pseudo_hr")
+    resume_and_check(lr, out, cfg, "pseudo_hr", reference, monkeypatch)
+    assert reference.shape == (32, 64, 64)
+    # decimation keeps LR slice k as HR slice k*s; the SR starts from a cubic fit through them
+    assert np.abs(reference[::S].astype(float) - crop[::S]).mean() < 20
+
+
+# --- configuration files ---------------------------------------------------------------------------
+
+PARTIAL = {"factor": 8, "mode": "mean", "restorer": {"steps": 5, "preset": "small"},
+           "restore": {"block": [8, 32, 32], "roi": [0, 0, 0, 4, 16, 16]}, "infer": {"tta": True}}
+
+
+def test_config_files_yaml_and_toml(tmp_path: Path) -> None:
+    expected = replace(RunConfig(factor=8, mode="mean"),
+                       restorer=RestorerStage(steps=5, preset="small"),
+                       restore=RestoreStage(block=(8, 32, 32), roi=(0, 0, 0, 4, 16, 16)),
+                       infer=InferStage(tta=True))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(PARTIAL))
+    (tmp_path / "run.toml").write_text(textwrap.dedent("""
+        factor = 8
+        mode = "mean"
+        [restorer]
+        steps = 5
+        preset = "small"
+        [restore]
+        block = [8, 32, 32]
+        roi = [0, 0, 0, 4, 16, 16]
+        [infer]
+        tta = true
+    """))
+    for name in ("run.yaml", "run.toml"):
+        cfg = RunConfig.from_dict(load_config_file(tmp_path / name))
+        assert cfg == expected, name
+        assert cfg.restore.block == (8, 32, 32)  # a tuple, as the defaults: configs compare equal
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("factor: 4\nfactr: 8\n", "unknown config key 'factr'"),
+    ("factor: 4\nrestorer:\n  stepz: 3\n", "stepz"),
+    ("factor: 4\nrestorer: 5\n", "restorer"),
+    ("factor: 4\nrestore:\n  block: 16\n", "block"),
+    ("factor: 4\ndgean:\n  steps: many\n", "steps"),
+    ("factor: 4\ninfer:\n  block: [16, 128]\n", "block"),
+    ("factor: 1\n", "factor"),
+    ("factor: 4\nmode: slab\n", "mode"),
+    ("- 4\n", "mapping"),
+    ("factor: [4\n", "run.yaml"),
+])
+def test_bad_config_file_is_a_clear_error(text: str, fragment: str, tmp_path: Path,
+                                          cli_run: Callable[..., Any], lr: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(InputError, match=fragment):
+        RunConfig.from_dict(load_config_file(path))
+    result = cli_run("run", lr, tmp_path / "sr.zarr", "--config", path, "--dry-run")
+    assert_cli_error(result, fragment)
+
+
+def test_bad_toml_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text("factor = \n")
+    with pytest.raises(InputError, match="run.toml"):
+        load_config_file(path)
+    with pytest.raises(InputError, match="no such config file"):
+        load_config_file(tmp_path / "missing.yaml")
+
+
+def test_config_show_is_the_template_and_a_valid_config(tmp_path: Path, lr: Path,
+                                                        cli_run: Callable[..., Any]) -> None:
+    result = cli_run("config", "show")
+    assert_cli_ok(result)
+    shown = yaml.safe_load(result.output)
+    assert shown == config_template() == RunConfig(factor=4).to_dict()
+    assert RunConfig.from_dict(shown) == RunConfig(factor=4)
+    as_json = cli_run("config", "show", "--format", "json", "--factor", 8)
+    assert json.loads(as_json.output) == config_template(8)
+    # what it prints runs as a config file
+    (tmp_path / "template.yaml").write_text(result.output)
+    dry = cli_run("run", lr, tmp_path / "sr.zarr", "--config", tmp_path / "template.yaml", "--dry-run")
+    assert_cli_ok(dry)
+    assert json.loads(dry.output) == json.loads(json.dumps(plan(lr, RunConfig(factor=4)), default=str))

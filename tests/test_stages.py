@@ -1,0 +1,214 @@
+"""Stages II and IV through the engine, on real Zarr stores: blockwise == whole volume,
+output geometry, chunking and worker-count independence of the pseudo-HR.
+
+The models are tiny and randomly initialised (written as the trainers write them): what is
+tested is the stitching and placement, not what a model has learned.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+from conftest import assert_cli_ok
+from d2r_testkit import (
+    dgean_checkpoint,
+    one_torch_thread,  # noqa: F401  (autouse)
+    restorer_checkpoint,
+    synth_array,
+    write,
+)
+
+from d2r_dask.engine import apply_whole
+from d2r_dask.geometry import Box
+from d2r_dask.infer import DGEANProcessor, infer
+from d2r_dask.models.dgean import receptive_field
+from d2r_dask.restore import restore, sr_geometry
+from d2r_dask.train import load_dgean
+from d2r_dask.volume import open_volume
+
+VOXEL = (40.0, 5.0, 5.0)
+ORIGIN = (100.0, 20.0, -10.0)
+S = 4
+
+
+def expected_geometry(mode: str, start: tuple[int, int, int] = (0, 0, 0)) -> tuple[tuple, tuple]:
+    """D2R.md's rule, written out: SR slice j sits at LR coordinate j/s (decimate) or
+    (j - (s-1)/2)/s (mean), measured from the region's first LR slice."""
+    dz, dy, dx = VOXEL
+    first = 0.0 if mode == "decimate" else -(S - 1) / 2 / S
+    translation = (ORIGIN[0] + (start[0] + first) * dz, ORIGIN[1] + start[1] * dy, ORIGIN[2] + start[2] * dx)
+    return (dz / S, dy, dx), translation
+
+
+def check_geometry(path: Path, mode: str, shape: tuple[int, int, int], start: tuple[int, int, int] = (0, 0, 0)) -> None:
+    vol = open_volume(path)
+    voxel, translation = expected_geometry(mode, start)
+    assert vol.shape == shape
+    np.testing.assert_allclose(vol.attrs["voxel_size"], voxel)
+    np.testing.assert_allclose(vol.attrs["translation"], translation)
+    np.testing.assert_allclose(vol["z"].values[:2], [translation[0], translation[0] + voxel[0]])
+
+
+# --- Stage IV -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lr_float(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    """A float32 LR volume (intensities in [0, 1]) in chunks that match no block below."""
+    data = (synth_array((5, 14, 18), seed=11) / 255.0).astype(np.float32)
+    path = write(tmp_path_factory.mktemp("stage4") / "lr.zarr", data, VOXEL, ORIGIN, chunks=(2, 5, 7))
+    return path, data
+
+
+@pytest.fixture(scope="module")
+def dgean_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("dgean")
+    return {mode: dgean_checkpoint(base / mode, mode=mode, intensity=(0.0, 1.0), seed=3)
+            for mode in ("decimate", "mean")}
+
+
+@pytest.fixture(scope="module")
+def whole_sr(lr_float: tuple[Path, np.ndarray], dgean_models: dict[str, Path]) -> np.ndarray:
+    model = dgean_models["decimate"]
+    net, _ = load_dgean(model)
+    return apply_whole(DGEANProcessor(str(model), "cpu"), lr_float[1], receptive_field(net.cfg))
+
+
+@pytest.mark.parametrize("block", [(3, 8, 11), (2, 14, 5)])
+def test_stage4_blockwise_equals_whole_volume(block: tuple[int, int, int], tmp_path: Path,
+                                              lr_float: tuple[Path, np.ndarray], dgean_models: dict[str, Path],
+                                              whole_sr: np.ndarray) -> None:
+    lr, data = lr_float
+    out = infer(lr, tmp_path / "sr.zarr", dgean_models["decimate"], block=block, serial=True, progress=False,
+                levels=1)
+    sr = open_volume(out)
+    assert sr.dtype == np.float32
+    assert whole_sr.shape == (5 * S, 14, 18)
+    np.testing.assert_allclose(sr.values, whole_sr, rtol=0, atol=1e-5)
+    # DGEAN adds to a cubic upsampling: the SR keeps the LR slices it was given, roughly
+    assert np.abs(sr.values[::S] - data).mean() < 0.2
+    check_geometry(out, "decimate", (5 * S, 14, 18))
+    assert sr_geometry(open_volume(lr), S, "decimate").translation == tuple(sr.attrs["translation"])
+
+
+def test_stage4_roi_from_the_cli(tmp_path: Path, lr_float: tuple[Path, np.ndarray], dgean_models: dict[str, Path],
+                                 whole_sr: np.ndarray, cli_run: Callable[..., Any]) -> None:
+    lr, _ = lr_float
+    out = tmp_path / "roi.zarr"
+    result = cli_run("infer", lr, out, "--model", dgean_models["decimate"], "--roi", 1, 2, 3, 4, 12, 15,
+                     "--block", 2, 6, 7, "--serial", "--levels", 1)
+    assert_cli_ok(result)
+    check_geometry(out, "decimate", (3 * S, 10, 12), start=(1, 2, 3))
+    # the region's context is real data from around it, so it is the whole result, cropped
+    np.testing.assert_allclose(open_volume(out).values, whole_sr[1 * S:4 * S, 2:12, 3:15], rtol=0, atol=1e-5)
+
+
+def test_stage4_mean_mode_geometry_and_integer_output(tmp_path: Path, dgean_models: dict[str, Path]) -> None:
+    data = synth_array((4, 9, 10), seed=12)
+    lr = write(tmp_path / "lr8.zarr", data, VOXEL, ORIGIN, chunks=(3, 4, 4))
+    model = dgean_checkpoint(tmp_path / "m", mode="mean", intensity=(0.0, 255.0), seed=4)
+    out = infer(lr, tmp_path / "sr.zarr", model, block=(3, 5, 6), serial=True, progress=False, levels=1)
+    check_geometry(out, "mean", (4 * S, 9, 10))
+    sr = open_volume(out)
+    assert sr.dtype == np.uint8  # written in the LR's dtype: clipped and rounded
+    whole = apply_whole(DGEANProcessor(str(model), "cpu"), data, receptive_field(load_dgean(model)[0].cfg))
+    expected = np.clip(np.rint(whole), 0, 255)
+    assert np.abs(sr.values.astype(np.float64) - expected).max() <= 1  # a .5 may round either way
+    assert np.mean(sr.values == expected) > 0.99
+
+
+def test_sr_geometry_matches_the_rule() -> None:
+    from d2r_dask.volume import Geometry, as_dataarray
+
+    lr = as_dataarray(np.zeros((6, 8, 8), np.uint8), Geometry(VOXEL, ORIGIN))
+    for mode in ("decimate", "mean"):
+        for start in ((0, 0, 0), (2, 3, 5)):
+            g = sr_geometry(lr, S, mode, Box(start, (6, 8, 8)) if any(start) else None)
+            voxel, translation = expected_geometry(mode, start)
+            np.testing.assert_allclose(g.voxel_size, voxel)
+            np.testing.assert_allclose(g.translation, translation)
+
+
+# --- Stage II -----------------------------------------------------------------------------------
+
+
+RESTORE = {"block": (4, 16, 16), "overlap": (1, 4, 4), "serial": True, "progress": False, "levels": 1}
+
+
+@pytest.fixture(scope="module")
+def stage2(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One LR volume stored twice (two chunkings), a random restorer, and the serial pseudo-HR."""
+    base = tmp_path_factory.mktemp("stage2")
+    data = synth_array((8, 24, 24), seed=13)
+    a = write(base / "lr_a.zarr", data, VOXEL, ORIGIN, chunks=(3, 7, 11))
+    b = write(base / "lr_b.zarr", data, VOXEL, ORIGIN, chunks=(8, 24, 24))
+    model = restorer_checkpoint(base / "restorer", steps=2, seed=5)
+    ref = restore(a, base / "ph_a.zarr", model, **RESTORE)
+    return {"base": base, "data": data, "a": a, "b": b, "model": model, "ref": open_volume(ref).values}
+
+
+def test_stage2_pseudo_hr_is_chunking_independent(stage2: dict[str, Any]) -> None:
+    out = restore(stage2["b"], stage2["base"] / "ph_b.zarr", stage2["model"], **RESTORE)
+    np.testing.assert_array_equal(open_volume(out).values, stage2["ref"])
+
+
+def test_stage2_pseudo_hr_geometry_and_values(stage2: dict[str, Any]) -> None:
+    ref = stage2["ref"]
+    check_geometry(stage2["base"] / "ph_a.zarr", "decimate", (8 * S, 24, 24))
+    assert ref.dtype == np.uint8
+    assert 20 < ref.mean() < 235 and ref.std() > 5  # a picture, not a constant
+    # all tiles were blended in: no region was left at the store's fill value
+    assert (ref.reshape(8 * S, 3, 8, 3, 8) == 0).all(axis=(0, 2, 4)).sum() == 0
+
+
+def test_stage2_float_roi_seeds_and_range(stage2: dict[str, Any], tmp_path: Path) -> None:
+    data = (stage2["data"] / 255.0).astype(np.float32)
+    lr = write(tmp_path / "lr_f.zarr", data, VOXEL, ORIGIN, chunks=(4, 12, 12))
+    model = restorer_checkpoint(tmp_path / "restorer", steps=2, seed=5, intensity=(0.0, 1.0))
+    roi = Box((2, 4, 6), (6, 16, 20))
+    outs = [open_volume(restore(lr, tmp_path / f"seed{seed}.zarr", model, roi=roi, seed=seed, **RESTORE))
+            for seed in (0, 1)]
+    check_geometry(tmp_path / "seed0.zarr", "decimate", (4 * S, 12, 14), start=(2, 4, 6))
+    for out in outs:
+        values = out.values
+        assert values.dtype == np.float32
+        assert np.isfinite(values).all()
+        assert values.min() >= 0.0 and values.max() <= 1.0  # the checkpoint's intensity range
+    assert not np.array_equal(outs[0].values, outs[1].values), "the seed changes nothing"
+
+
+def test_stage2_worker_count_independent(stage2: dict[str, Any]) -> None:
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      memory_limit="2GiB") as cluster, Client(cluster) as client:
+        out = restore(stage2["a"], stage2["base"] / "ph_cluster.zarr", stage2["model"], client=client,
+                      **{**RESTORE, "serial": False})
+    np.testing.assert_array_equal(open_volume(out).values, stage2["ref"])
+
+
+def test_stage4_resumes_after_a_kill_while_writing_the_pyramid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               dgean_models: dict[str, Path]) -> None:
+    import zarr
+
+    from d2r_dask import engine
+
+    data = (synth_array((2, 64, 64), seed=14) / 255.0).astype(np.float32)
+    lr = write(tmp_path / "lr.zarr", data, (40.0, 5.0, 5.0), chunks=(2, 32, 32))
+    kw: dict[str, Any] = {"block": (2, 64, 64), "serial": True, "progress": False, "levels": 2}
+    real_finalize = engine.finalize_volume
+
+    def killed_mid_pyramid(path: Any, **_: Any) -> None:  # level 1 created, then the process dies
+        zarr.open_group(str(path), mode="r+").create_array("1", shape=(8, 32, 32), chunks=(8, 32, 32),
+                                                          dtype="float32")
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(engine, "finalize_volume", killed_mid_pyramid)
+    with pytest.raises(KeyboardInterrupt):
+        infer(lr, tmp_path / "sr.zarr", dgean_models["decimate"], **kw)
+    monkeypatch.setattr(engine, "finalize_volume", real_finalize)
+    out = infer(lr, tmp_path / "sr.zarr", dgean_models["decimate"], **kw)
+    assert open_volume(out).shape == (8, 64, 64)
