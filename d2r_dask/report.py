@@ -34,10 +34,7 @@ def write_report(out_dir: Path, summary: Mapping[str, Any], gt: Any, sources: Ma
     names = _ordered(list(sources))
     figures = []
     if make_figures:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: never touches the caller's backend
 
         common = _common_box([box for _, box in sources.values()])
         if min(common.shape) > 0:
@@ -45,7 +42,8 @@ def write_report(out_dir: Path, summary: Mapping[str, Any], gt: Any, sources: Ma
             views = {name: sources[name][0].read(crop).astype(np.float32) for name in names}
             views["ground truth"] = np.asarray(gt.data[crop.slices].compute(scheduler="synchronous"), np.float32)
             lo, hi = np.percentile(views["ground truth"], [0.5, 99.5])
-            fig, axes = plt.subplots(3, len(views), figsize=(2.6 * len(views), 7.5), squeeze=False)
+            fig = Figure(figsize=(2.6 * len(views), 7.5))
+            axes = fig.subplots(3, len(views), squeeze=False)
             for j, (name, v) in enumerate(views.items()):
                 cz, cy, cx = (n // 2 for n in v.shape)
                 for i, (img, label) in enumerate(((v[cz], "XY"), (v[:, cy], "XZ"), (v[:, :, cx], "YZ"))):
@@ -59,9 +57,9 @@ def write_report(out_dir: Path, summary: Mapping[str, Any], gt: Any, sources: Ma
                          f"x {crop.start[2]}:{crop.stop[2]} of the ground truth", fontsize=8)
             fig.tight_layout()
             fig.savefig(out_dir / "panels.png", dpi=110)
-            plt.close(fig)
             figures.append(("XY / XZ / YZ slices at the same crop", "panels.png"))
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig = Figure(figsize=(6, 4))
+        ax = fig.subplots()
         for name in names:
             frc = summary["results"][name]["frc_xz"]
             ax.plot(frc["freqs_per_nm"], frc["wedges"]["z"], label=name)
@@ -72,7 +70,6 @@ def write_report(out_dir: Path, summary: Mapping[str, Any], gt: Any, sources: Ma
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out_dir / "frc.png", dpi=110)
-        plt.close(fig)
         figures.append(("Fourier ring correlation against the ground truth, along z", "frc.png"))
     lines = [
         "# d2r evaluation",

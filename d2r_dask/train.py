@@ -467,13 +467,11 @@ def load_dgean(directory: str | os.PathLike) -> tuple[torch.nn.Module, dict[str,
 
 def _save_panels(path: Path, rows: list[np.ndarray], titles: list[str]) -> None:
     """A PNG grid: one column per entry of ``rows`` (each ``(n, h, w)``), one row per patch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: never touches the caller's backend
 
     n = min(4, len(rows[0]))
-    fig, axes = plt.subplots(n, len(rows), figsize=(2.2 * len(rows), 2.2 * n), squeeze=False)
+    fig = Figure(figsize=(2.2 * len(rows), 2.2 * n))
+    axes = fig.subplots(n, len(rows), squeeze=False)
     for j, (imgs, title) in enumerate(zip(rows, titles)):
         for i in range(n):
             axes[i, j].imshow(imgs[i], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
@@ -482,7 +480,6 @@ def _save_panels(path: Path, rows: list[np.ndarray], titles: list[str]) -> None:
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=100)
-    plt.close(fig)
     os.replace(tmp, path)
 
 
