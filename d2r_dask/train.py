@@ -221,9 +221,9 @@ class RestorerConfig:
     mode: str = "decimate"
     preset: str = "tiny"
     patch: int = 64
-    sampler: str = "ddim"
-    sampler_steps: int | None = 10
-    val_sampler_steps: int = 10
+    sampler: str = "posterior"
+    sampler_steps: int | None = 5
+    val_sampler_steps: int = 5
 
     def __post_init__(self) -> None:
         check_factor(self.factor)
@@ -282,7 +282,7 @@ def train_restorer(
     def validate(ema: torch.nn.Module, step: int) -> dict[str, float]:
         gen = torch.Generator(device=device).manual_seed(tcfg.seed)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            pred = sde.sample(ema, val_mu, sampler="ddim", steps=rcfg.val_sampler_steps, generator=gen,
+            pred = sde.sample(ema, val_mu, sampler=rcfg.sampler, steps=rcfg.val_sampler_steps, generator=gen,
                               x0_range=(0.0, 1.0))
         pred = pred.float().clamp(0, 1).cpu().numpy()[:, 0]
         target, cond = val_x0.cpu().numpy()[:, 0], val_mu.cpu().numpy()[:, 0]
