@@ -291,7 +291,8 @@ def restore(lr_volume: Path, output: Path, model: Path, roi: tuple[int, ...] | N
 @click.argument("output", type=click.Path(path_type=Path), metavar="SR")
 @click.option("--model", type=click.Path(path_type=Path), required=True, help="Stage III checkpoint folder.")
 @roi_option
-@click.option("--block", nargs=3, type=int, default=(16, 128, 128), metavar="Z Y X", help="LR block shape.")
+@click.option("--block", nargs=3, type=int, default=(32, 128, 128), metavar="Z Y X",
+              help="LR block shape (larger blocks spend less on the halo).")
 @click.option("--batch", type=int, default=1, help="Blocks per task, batched on the device.")
 @click.option("--tta", is_flag=True, help="Average the 8 xy flips/rotations (8x slower).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the network (GPU).")

@@ -70,7 +70,7 @@ def infer(
     output: str | os.PathLike,
     model: str | os.PathLike,
     *,
-    block: Sequence[int] = (16, 128, 128),
+    block: Sequence[int] = (32, 128, 128),
     batch: int = 1,
     tta: bool = False,
     compile: bool = False,

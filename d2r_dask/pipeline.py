@@ -77,7 +77,7 @@ class DGEANStage:
 class InferStage:
     """Stage IV: blockwise DGEAN inference."""
 
-    block: tuple[int, int, int] = (16, 128, 128)
+    block: tuple[int, int, int] = (32, 128, 128)
     batch: int = 1
     tta: bool = False
 

@@ -210,6 +210,16 @@ def _validation_split(n_slices: int, fraction: float = 0.1) -> tuple[tuple[int, 
     return (0, n_slices - n_val), (n_slices - n_val, n_slices)
 
 
+def _sources(path: str | os.PathLike, z_range: tuple[int, int] | None = None,
+             intensity: Intensity | None = None) -> tuple[PatchSource, PatchSource]:
+    """Training and validation patch sources: the last tenth of ``z_range`` is held out."""
+    probe = PatchSource(path, intensity=intensity)
+    z0, z1 = z_range or (0, probe.shape[0])
+    (a, b), (c, d) = _validation_split(z1 - z0)
+    return (PatchSource(path, z_range=(z0 + a, z0 + b), intensity=probe.intensity),
+            PatchSource(path, z_range=(z0 + c, z0 + d), intensity=probe.intensity))
+
+
 # --- Stage I: the diffusion restorer ---------------------------------------------------
 
 
@@ -248,11 +258,8 @@ def train_restorer(
     from .models.sde import IRSDE, SDEConfig
 
     tcfg = tcfg or TrainConfig(lr=4e-5 if rcfg.preset == "full" else 2e-4)
-    probe = PatchSource(lr_volume)
-    train_z, val_z = _validation_split(probe.shape[0])
-    source = PatchSource(lr_volume, z_range=train_z, intensity=probe.intensity)
-    val_source = PatchSource(lr_volume, z_range=val_z, intensity=probe.intensity)
-    size = min(rcfg.patch, probe.shape[1], probe.shape[2])
+    source, val_source = _sources(lr_volume)
+    size = min(rcfg.patch, source.shape[1], source.shape[2])
     if size < rcfg.patch:
         log.warning("patch %d is larger than the volume's XY size; using %d", rcfg.patch, size)
         rcfg = replace(rcfg, patch=size)
@@ -301,7 +308,7 @@ def train_restorer(
         "degradation": {"lateral": rcfg.mode, "condition": "cubic"},
         "patch": rcfg.patch,
         "sampler": {"name": rcfg.sampler, "steps": rcfg.sampler_steps},
-        "intensity": probe.intensity.to_dict(),
+        "intensity": source.intensity.to_dict(),
         "source": str(lr_volume),
     }
     return fit(model, loss_fn, cfg=tcfg, out=out, checkpoint_config=config, validate=validate, resume=resume,
@@ -379,14 +386,11 @@ def train_dgean(
     from .models.losses import hf_loss
 
     tcfg = tcfg or TrainConfig(lr=2e-4)
-    probe = PatchSource(hr_volume, intensity=intensity)
-    z0, z1 = z_range or (0, probe.shape[0])
-    (a, b), (c, d) = _validation_split(z1 - z0)
-    source = PatchSource(hr_volume, z_range=(z0 + a, z0 + b), intensity=probe.intensity)
-    val_source = PatchSource(hr_volume, z_range=(z0 + c, z0 + d), intensity=probe.intensity)
+    source, val_source = _sources(hr_volume, z_range, intensity)
+    z0, z1 = z_range or (0, source.shape[0])
     s = dcfg.factor
     depth = dcfg.patch_lr_z * s
-    size = min(dcfg.patch_xy, probe.shape[1], probe.shape[2])
+    size = min(dcfg.patch_xy, source.shape[1], source.shape[2])
     source.check_fits((depth, size, size), "3D")
     if val_source.z_range[1] - val_source.z_range[0] < depth:
         val_source = source  # too few slices to hold out a full patch: validate on training slices
@@ -436,7 +440,7 @@ def train_dgean(
         "patch": [depth, size, size],
         "loss": {"l1": 1.0, "gradient": dcfg.hf_weight, "fourier": dcfg.fourier_weight},
         "supervised": dcfg.supervised,
-        "intensity": probe.intensity.to_dict(),
+        "intensity": source.intensity.to_dict(),
         "source": str(hr_volume),
         "z_range": [z0, z1],
     }

@@ -1,0 +1,291 @@
+"""Model throughput: the restorer network, bare DGEAN, and the full Stage IV pipeline.
+
+(a) Restorer (ConditionalNAFNet) presets tiny/small/full on ``(batch, 2, 256, 256)``:
+    network evaluations per second and pixel-evaluations per second, eager fp32. On a
+    CUDA device also bf16 autocast, + channels_last, + ``torch.compile`` (skipped on the CPU).
+(b) DGEAN presets tiny/base/full, bare model, random ``(1, 1, D, H, W)`` LR input already on
+    the device: HR voxels out per second, per factor.
+(c) Stage IV through the engine (Zarr in -> model -> Zarr out, ``infer(serial=True)``) on a real
+    LR volume with a DGEAN checkpoint, against the bare model on the same blocks with their halo:
+    "useful" HR voxels/s (the voxels written) for both, the halo overhead (computed / useful)
+    and the pipeline/bare ratio.
+
+    python benchmarks/bench_models_speed.py                      # CPU defaults, a few minutes
+    python benchmarks/bench_models_speed.py --restorer-presets tiny small --dgean-presets tiny base
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import machine_info  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+WORK = Path("/tmp/d2r_bench_quality")
+
+
+def _bench(fn: Callable[[], Any], reps: int, sync: Callable[[], None]) -> list[float]:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def restorer_speed(presets: list[str], size: int, batch: int, reps: dict[str, int], device: Any,
+                   batch_for: dict[str, int] | None = None) -> list[dict]:
+    import torch
+
+    from d2r_dask.models.nafnet import ConditionalNAFNet, nafnet_config
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rows = []
+    for preset in presets:
+        torch.manual_seed(0)
+        net = ConditionalNAFNet(nafnet_config(preset)).to(device).eval()
+        n_par = sum(p.numel() for p in net.parameters())
+        nb = (batch_for or {}).get(preset, batch)
+        x = torch.rand(nb, 2, size, size, device=device)
+        t = torch.randint(1, 101, (nb,), device=device)
+        variants: list[tuple[str, Callable[[], Any]]] = []
+
+        def eager() -> Any:
+            with torch.no_grad():
+                return net(x, t)
+
+        variants.append(("eager fp32", eager))
+        if device.type == "cuda":
+            net_cl = net.to(memory_format=torch.channels_last)
+            x_cl = x.contiguous(memory_format=torch.channels_last)
+
+            def bf16() -> Any:
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                    return net(x, t)
+
+            def bf16_cl() -> Any:
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                    return net_cl(x_cl, t)
+
+            compiled = torch.compile(net_cl)
+
+            def bf16_cl_compiled() -> Any:
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                    return compiled(x_cl, t)
+
+            variants += [("bf16 autocast", bf16), ("bf16 + channels_last", bf16_cl),
+                         ("bf16 + channels_last + compile", bf16_cl_compiled)]
+        base = None
+        for name, fn in variants:
+            with torch.no_grad():  # warm-up: a small input for the CPU, the real one (compile) on a GPU
+                if device.type == "cuda":
+                    fn(), fn()
+                else:
+                    net(x[:1, :, :64, :64], t[:1])
+            times = _bench(fn, reps.get(preset, 1), sync)
+            best = min(times)
+            row = {"part": "restorer", "preset": preset, "variant": name, "parameters": n_par,
+                   "input": [nb, 2, size, size], "reps": len(times), "seconds_best": round(best, 4),
+                   "seconds_all": [round(v, 4) for v in times],
+                   "network_evaluations_per_s": round(nb / best, 3),
+                   "pixel_evaluations_per_s": round(nb * size * size / best, 1)}
+            base = base or row["network_evaluations_per_s"]
+            row["speedup_vs_eager_fp32"] = round(row["network_evaluations_per_s"] / base, 3)
+            rows.append(row)
+            print(row, flush=True)
+        if device.type != "cuda":
+            rows.append({"part": "restorer", "preset": preset,
+                         "variant": "bf16 autocast / channels_last / torch.compile",
+                         "note": "not measured: no GPU in this session (code path runs on CUDA only)"})
+    return rows
+
+
+def dgean_speed(presets: list[str], factors: list[int], block: list[int], reps: dict[str, int],
+                device: Any) -> list[dict]:
+    import torch
+
+    from d2r_dask.models.dgean import DGEAN, dgean_config, receptive_field
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rows = []
+    for preset in presets:
+        for s in factors:
+            torch.manual_seed(0)
+            cfg = dgean_config(preset, s, "decimate")
+            net = DGEAN(cfg).to(device).eval()
+            x = torch.rand(1, 1, *block, device=device)
+            with torch.no_grad():
+                net(x[..., :8, :16, :16])
+            with torch.no_grad():
+                times = _bench(lambda: net(x), reps.get(preset, 1), sync)
+            best = min(times)
+            hr = block[0] * s * block[1] * block[2]
+            row = {"part": "dgean bare", "preset": preset, "factor": s, "variant": "eager fp32",
+                   "parameters": sum(q.numel() for q in net.parameters()),
+                   "halo_lr": list(receptive_field(cfg)), "lr_block": block, "reps": len(times),
+                   "seconds_best": round(best, 4), "seconds_all": [round(v, 4) for v in times],
+                   "hr_voxels_per_s": round(hr / best, 1)}
+            rows.append(row)
+            print(row, flush=True)
+    if device.type != "cuda":
+        rows.append({"part": "dgean bare", "variant": "bf16 autocast / channels_last_3d / torch.compile",
+                     "note": "not measured: no GPU in this session"})
+    return rows
+
+
+def pipeline_speed(lr_path: Path, model: Path, block: list[int], reps: int, device: Any) -> list[dict]:
+    import numpy as np
+    import torch
+
+    from d2r_dask.engine import Layout
+    from d2r_dask.geometry import Box
+    from d2r_dask.infer import DGEANProcessor, infer
+    from d2r_dask.volume import open_volume
+
+    lr = open_volume(lr_path)
+    proc = DGEANProcessor(str(model), str(device))
+    s, halo = proc.factor, proc.halo
+    layout = Layout(roi=Box((0, 0, 0), tuple(lr.shape)), block=tuple(block), halo=tuple(halo), scale=(s, 1, 1))
+    n_blocks = layout.n_blocks
+    useful = lr.shape[0] * s * lr.shape[1] * lr.shape[2]
+    tile = [b + 2 * h for b, h in zip(block, halo)]
+    # bare model on one full tile (block + halo), random input already on the device
+    x = np.random.default_rng(0).integers(0, 256, size=(1, *tile)).astype(np.float32)
+    xt = torch.from_numpy(proc.intensity.to_unit(x)[:, None]).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        proc.net(xt[..., :8, :16, :16])
+        t_tile = min(_bench(lambda: proc.net(xt), 2, sync))
+    bare_total = t_tile * n_blocks
+    tmp = Path(tempfile.mkdtemp(prefix="d2r_speed_"))
+    times = []
+    try:
+        for i in range(reps):
+            out = tmp / f"sr{i}.zarr"
+            t0 = time.perf_counter()
+            infer(lr_path, out, model, block=tuple(block), serial=True, overwrite=True, progress=False, levels=1)
+            times.append(time.perf_counter() - t0)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    best = min(times)
+    computed_per_tile = tile[0] * s * tile[1] * tile[2]
+    useful_per_tile = block[0] * s * block[1] * block[2]
+    row = {"part": "stage IV pipeline", "model": str(model), "factor": s, "lr_shape": list(lr.shape),
+           "block": block, "halo": list(halo), "tile_with_halo": tile, "blocks": n_blocks,
+           "engine": "infer(serial=True): Zarr read -> DGEAN -> Zarr write, one process",
+           "pipeline_seconds_best": round(best, 2), "pipeline_seconds_all": [round(v, 2) for v in times],
+           "pipeline_useful_hr_voxels_per_s": round(useful / best, 1),
+           "bare_seconds_per_tile": round(t_tile, 3), "bare_seconds_all_tiles": round(bare_total, 2),
+           "bare_useful_hr_voxels_per_s": round(useful / bare_total, 1),
+           "bare_computed_hr_voxels_per_s": round(computed_per_tile / t_tile, 1),
+           "halo_overhead_computed_over_useful": round(computed_per_tile / useful_per_tile, 3),
+           "edge_note": "edge blocks are computed full-size (reflected), so useful voxels < blocks x block size",
+           "pipeline_over_bare": round(bare_total / best, 3)}
+    print(row, flush=True)
+    return [row]
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    m = payload["machine"]
+    lines = ["# Model throughput (CPU)", "",
+             f"Device: {payload['device']}; CPU `{m['cpu_model']}` ({m['cpu_count']} cores), "
+             f"torch {m['torch']}, {payload['threads']} torch threads; GPU: {payload['gpu']}. "
+             f"Load average at start {m['load_average_at_start']} (the machine is shared: numbers are noisy).", "",
+             f"Command: `{payload['command']}`", "",
+             "## (a) Restorer network (ConditionalNAFNet), one evaluation = one image", "",
+             "| preset | params | variant | input | reps | best s | network evals/s | pixel-evals/s | vs eager fp32 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in payload["restorer"]:
+        if "note" in r:
+            lines.append(f"| {r['preset']} | | {r['variant']} | | | | {r['note']} | | |")
+            continue
+        lines.append(f"| {r['preset']} | {r['parameters']:,} | {r['variant']} | {tuple(r['input'])} | {r['reps']} "
+                     f"| {r['seconds_best']} | {r['network_evaluations_per_s']:.3g} | {r['pixel_evaluations_per_s']:,.0f} "
+                     f"| {r['speedup_vs_eager_fp32']} |")
+    lines += ["", "## (b) DGEAN, bare model, random LR input already on the device", "",
+              "The LR input is exactly the block shown (no halo added): every HR voxel out is counted. The halo column is the receptive field a blockwise run adds around each block (see (c) for its cost).", "",
+              "| preset | factor | halo (LR) | LR input | reps | best s | HR voxels/s |", "|---|---|---|---|---|---|---|"]
+    for r in payload["dgean"]:
+        if "note" in r:
+            lines.append(f"| {r['variant']} | | | | | | {r['note']} |")
+            continue
+        lines.append(f"| {r['preset']} | {r['factor']} | {tuple(r['halo_lr'])} | {tuple(r['lr_block'])} | {r['reps']} "
+                     f"| {r['seconds_best']} | {r['hr_voxels_per_s']:,.0f} |")
+    lines += ["", "## (c) Stage IV: full pipeline vs bare model on the same blocks", ""]
+    for r in payload["pipeline"]:
+        lines += [
+            f"LR `{r['lr_shape']}` x{r['factor']}, block {tuple(r['block'])} + halo {tuple(r['halo'])} "
+            f"= tile {tuple(r['tile_with_halo'])}, {r['blocks']} blocks; {r['engine']}.", "",
+            "| | seconds | useful HR voxels/s |", "|---|---|---|",
+            f"| bare model, same tiles (incl. halo) | {r['bare_seconds_all_tiles']} | {r['bare_useful_hr_voxels_per_s']:,.0f} |",
+            f"| full pipeline (Zarr in -> Zarr out) | {r['pipeline_seconds_best']} | "
+            f"{r['pipeline_useful_hr_voxels_per_s']:,.0f} |", "",
+            f"Bare model computes {r['bare_computed_hr_voxels_per_s']:,.0f} HR voxels/s including the halo; halo "
+            f"overhead (computed / useful per interior block) {r['halo_overhead_computed_over_useful']}x; "
+            f"pipeline / bare throughput {r['pipeline_over_bare']}. {r['edge_note']}.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--restorer-presets", nargs="+", default=["tiny", "small", "full"])
+    p.add_argument("--restorer-size", type=int, default=256)
+    p.add_argument("--restorer-batch", type=int, default=4)
+    p.add_argument("--full-batch", type=int, default=None,
+                   help="batch for the full restorer preset (default: --restorer-batch; 1 saves CPU time)")
+    p.add_argument("--dgean-presets", nargs="+", default=["tiny", "base", "full"])
+    p.add_argument("--dgean-factors", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--dgean-block", type=int, nargs=3, default=[16, 64, 64])
+    p.add_argument("--lr", type=Path, default=WORK / "x4" / "lr.zarr", help="LR volume for the pipeline part")
+    p.add_argument("--model", type=Path, default=WORK / "x4" / "dgean", help="DGEAN checkpoint for the pipeline")
+    p.add_argument("--pipeline-block", type=int, nargs=3, default=[16, 128, 128])
+    p.add_argument("--pipeline-reps", type=int, default=1)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    args = p.parse_args()
+
+    import torch
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cpu = device.type == "cpu"
+    payload: dict[str, Any] = {
+        "benchmark": "models_speed",
+        "device": "CPU (%d cores)" % os.cpu_count() if cpu else torch.cuda.get_device_name(device),
+        "gpu": "not available in this session" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+        "threads": torch.get_num_threads(),
+        "machine": machine_info(),
+        "command": "python benchmarks/bench_models_speed.py " + " ".join(sys.argv[1:]),
+    }
+    t0 = time.perf_counter()
+    payload["restorer"] = restorer_speed(args.restorer_presets, args.restorer_size, args.restorer_batch,
+                                         {"tiny": 5, "small": 2, "full": 1} if cpu else {"tiny": 20, "small": 20,
+                                                                                          "full": 10}, device,
+                                         {"full": args.full_batch} if args.full_batch else None)
+    payload["dgean"] = dgean_speed(args.dgean_presets, args.dgean_factors, args.dgean_block,
+                                   {"tiny": 3, "base": 2, "full": 1} if cpu else {"tiny": 20, "base": 10, "full": 5},
+                                   device)
+    if args.model.exists() and args.lr.exists():
+        payload["pipeline"] = pipeline_speed(args.lr, args.model, args.pipeline_block, args.pipeline_reps, device)
+    else:
+        payload["pipeline"] = []
+        print(f"skipping the pipeline part: {args.model} or {args.lr} missing (run bench_quality.py first)")
+    payload["load_average_at_end"] = list(os.getloadavg())
+    payload["total_wall_s"] = round(time.perf_counter() - t0, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "models_speed.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    (args.out / "models_speed.md").write_text(markdown(payload))
+    print(markdown(payload))
+
+
+if __name__ == "__main__":
+    main()
