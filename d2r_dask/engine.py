@@ -58,7 +58,8 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from .errors import InputError, OutputExistsError, ResumeMismatchError
 from .geometry import Box, grid_shape, iter_blocks
 from .processors import BlockProcessor, ModelSpec, load_processor
-from .volume import Geometry, create_volume, finalize_volume, is_complete, open_reader, open_volume, output_array
+from .volume import (Geometry, create_scratch, create_volume, finalize_volume, is_complete, open_reader,
+                     open_scratch, open_volume, output_array)
 
 log = logging.getLogger(__name__)
 
@@ -343,9 +344,7 @@ def _array(job: Job, kind: str) -> Any:
         if kind == "output":
             arrays[key] = output_array(job.output)
         elif kind == "tiles":
-            import zarr
-
-            arrays[key] = zarr.open_array(str(job.state_dir / "tiles"), mode="r+")
+            arrays[key] = open_scratch(job.state_dir / "tiles")
         elif kind == "source":
             arrays[key] = open_reader(job.source, level=job.level)
         else:
@@ -547,11 +546,8 @@ def _prepare_output(job: Job, identity: Mapping[str, Any], geometry: Geometry, o
                   overwrite=overwrite, inputs=[job.source], name=out.stem,
                   metadata={**dict(metadata or {}), "job": job.token})
     if layout.stitch == "blend":
-        import zarr
-
         tile = tuple(b + 2 * h * s for b, h, s in zip(layout.out_block, layout.halo, layout.scale))
-        zarr.create_array(str(job.state_dir / "tiles"), shape=tuple(g * t for g, t in zip(layout.grid, tile)),
-                          chunks=tile, dtype="float32", compressors=None, fill_value=0)
+        create_scratch(job.state_dir / "tiles", shape=tuple(g * t for g, t in zip(layout.grid, tile)), chunks=tile)
     (job.state_dir / "done").mkdir(parents=True, exist_ok=True)
     tmp = state.with_suffix(".tmp")
     tmp.write_text(json.dumps({"hash": job.token, "identity": identity}, indent=1))
@@ -695,7 +691,9 @@ def _run_distributed(client: Any, job: Job, phase: str, todo: Iterator[int], bar
         ac.add(fut)
         return True
 
-    for _ in range(window):
+    # one slot stays free for a finished task whose release the scheduler has not processed
+    # yet, so the scheduler never holds more than ``window`` tasks
+    for _ in range(max(1, window - 1)):
         if not submit_next():
             break
     try:

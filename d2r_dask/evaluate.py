@@ -23,7 +23,7 @@ from .degrade import to_dtype
 from .errors import InputError
 from .geometry import Box, check_factor, check_mode, sr_transform
 from .metrics import SSIM_WIN, MetricAccumulator, boundary_agreement, boundary_map, interpolate_z
-from .volume import Geometry, open_volume
+from .volume import Geometry, d2r_metadata, open_volume
 
 log = logging.getLogger(__name__)
 INTERPOLATIONS = ("nearest", "linear", "cubic")
@@ -103,12 +103,12 @@ def evaluate(
         vol = open_volume(path)
         vol_box, gt_box = overlap_box(Geometry.of(vol), vol.shape, gt, str(path))
         sources[name] = (_Stored(vol, np.subtract(vol_box.start, gt_box.start)), gt_box)
-        meta = _d2r_meta(path)
+        meta = d2r_metadata(path)
         factor = factor or meta.get("factor")
         mode = mode or meta.get("mode")
     if lr_path is not None:
         lr = open_volume(lr_path)
-        deg = _d2r_meta(lr_path).get("degradation", {})
+        deg = d2r_metadata(lr_path).get("degradation", {})
         factor = factor or deg.get("factor")
         mode = mode or deg.get("mode")
         if factor is None:
@@ -141,14 +141,6 @@ def evaluate(
         write_report(Path(out_dir), summary, gt, sources, make_figures=report)
     return summary
 
-
-def _d2r_meta(path: str | os.PathLike) -> dict[str, Any]:
-    import zarr
-
-    try:
-        return dict(zarr.open_group(str(path), mode="r").attrs.get("d2r", {}))
-    except Exception:
-        return {}
 
 
 def _score(reader: Any, gt: Any, gt_box: Box, data_range: float, slab: int) -> dict[str, Any]:

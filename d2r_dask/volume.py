@@ -410,6 +410,26 @@ def output_array(path: str | os.PathLike) -> zarr.Array:
     return zarr.open_array(str(Path(path) / "0"), mode="r+")
 
 
+def create_scratch(path: str | os.PathLike, *, shape: Sequence[int], chunks: Sequence[int]) -> zarr.Array:
+    """An uncompressed float32 working array (not a volume: no metadata, deleted after use)."""
+    return zarr.create_array(str(path), shape=tuple(shape), chunks=tuple(chunks), dtype="float32",
+                             compressors=None, fill_value=0)
+
+
+def open_scratch(path: str | os.PathLike) -> zarr.Array:
+    """Open an array made by :func:`create_scratch` for reading and writing."""
+    return zarr.open_array(str(path), mode="r+")
+
+
+def d2r_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``d2r`` attributes a volume was written with (provenance, factor, mode), or {}."""
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception:
+        return {}
+    return dict(node.attrs.get("d2r", {})) if isinstance(node, zarr.Group) else {}
+
+
 def is_complete(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a finished volume (OME metadata written, not marked incomplete)."""
     try:
