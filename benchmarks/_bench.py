@@ -50,13 +50,13 @@ def _cpu_model() -> str:
 
 def synthetic_volume(path: Path, shape: Sequence[int], *, chunks: Sequence[int] = (32, 128, 128),
                      seed: int = 0) -> Path:
-    """A synthetic vEM volume on disk (``d2r_dask.synth``), reused when already there."""
-    from d2r_dask.volume import Geometry, is_complete, open_volume, write_volume
+    """A synthetic vEM volume on disk (``d2r_dask.data.synth``), reused when already there."""
+    from d2r_dask.io.volume import Geometry, is_complete, open_volume, write_volume
 
     if path.exists() and is_complete(path) and tuple(open_volume(path).shape) == tuple(shape):
         return path
     try:
-        from d2r_dask.synth import synth_dask
+        from d2r_dask.data.synth import synth_dask
 
         data = synth_dask(tuple(shape), chunks=tuple(min(c, n) for c, n in zip(chunks, shape)), seed=seed)
     except ImportError:  # before the synthetic generator exists: random data

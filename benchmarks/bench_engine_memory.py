@@ -2,7 +2,7 @@
 
 Memory per worker should depend on the block (read box, model activations, output
 block), not on the volume; the scheduler's on the window of tasks in flight, not on
-the number of blocks. Both volumes are synthetic (``d2r_dask.synth``) and stored on
+the number of blocks. Both volumes are synthetic (``d2r_dask.data.synth``) and stored on
 disk; the large job's output (float32, ``scale_z`` times more slices) is larger than
 the memory limit given to each worker, so a result that piled up in a worker would
 show (or get the worker killed).
@@ -38,8 +38,8 @@ def main() -> None:
     from dask.utils import parse_bytes
     from distributed import Client, LocalCluster
 
-    from d2r_dask.engine import run_blockwise
-    from d2r_dask.processors import ModelSpec
+    from d2r_dask.blockwise.scheduler import run_blockwise
+    from d2r_dask.blockwise.processors import ModelSpec
 
     info = machine_info()
     args.workdir.mkdir(parents=True, exist_ok=True)

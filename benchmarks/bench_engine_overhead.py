@@ -37,10 +37,10 @@ def bare_loop(src: Path, spec: Any, block: tuple, halo: tuple, group: int, threa
     """The same blocks through the same model in a plain loop; seconds (model loaded before)."""
     import torch
 
-    from d2r_dask.engine import Layout
-    from d2r_dask.geometry import Box
-    from d2r_dask.processors import load_processor
-    from d2r_dask.volume import open_volume
+    from d2r_dask.blockwise.scheduler import Layout
+    from d2r_dask.io.geometry import Box
+    from d2r_dask.blockwise.processors import load_processor
+    from d2r_dask.io.volume import open_volume
 
     torch.set_num_threads(threads)
     proc = load_processor(spec)
@@ -80,8 +80,8 @@ def main() -> None:
     import torch
     from distributed import Client, LocalCluster
 
-    from d2r_dask.engine import run_blockwise
-    from d2r_dask.processors import ModelSpec
+    from d2r_dask.blockwise.scheduler import run_blockwise
+    from d2r_dask.blockwise.processors import ModelSpec
 
     cores = os.cpu_count() or 1
     info = machine_info()

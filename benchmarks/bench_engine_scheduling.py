@@ -49,9 +49,9 @@ def dask_baseline(client: Any, n: int, window: int) -> float:
 
 def plan_seconds(workdir: Path, n_blocks: int) -> dict[str, float]:
     """Client-side planning for ``n_blocks`` blocks: layout, marker scan, task ids."""
-    from d2r_dask.engine import Job, Layout, _done_groups
-    from d2r_dask.geometry import Box
-    from d2r_dask.processors import ModelSpec
+    from d2r_dask.blockwise.scheduler import Job, Layout, _done_groups
+    from d2r_dask.io.geometry import Box
+    from d2r_dask.blockwise.processors import ModelSpec
 
     side = round(n_blocks ** (1 / 3))
     t0 = time.perf_counter()
@@ -75,8 +75,8 @@ def main() -> None:
 
     from distributed import Client, LocalCluster
 
-    from d2r_dask.engine import run_blockwise, worker_stats
-    from d2r_dask.processors import ModelSpec
+    from d2r_dask.blockwise.scheduler import run_blockwise, worker_stats
+    from d2r_dask.blockwise.processors import ModelSpec
 
     info = machine_info()
     args.workdir.mkdir(parents=True, exist_ok=True)

@@ -76,7 +76,7 @@ def _val_curve(folder: Path) -> list[dict[str, float]]:
 
 def _crop_gt(gt_path: Path, out: Path, box: Any) -> Path:
     """A GT sub-volume as its own OME-Zarr, placed at its true physical position."""
-    from d2r_dask.volume import Geometry, is_complete, open_volume, write_volume
+    from d2r_dask.io.volume import Geometry, is_complete, open_volume, write_volume
 
     if out.exists() and is_complete(out):
         return out
@@ -89,14 +89,14 @@ def _crop_gt(gt_path: Path, out: Path, box: Any) -> Path:
 
 
 def run_factor(args: argparse.Namespace, s: int, gt: Path, work: Path, out: Path) -> dict[str, Any]:
-    from d2r_dask.degrade import AxialDegradation, degrade_volume
-    from d2r_dask.evaluate import evaluate
-    from d2r_dask.geometry import Box
-    from d2r_dask.infer import infer
-    from d2r_dask.restore import restore
-    from d2r_dask.train import (DGEANTrainConfig, RestorerConfig, TrainConfig, train_dgean,
+    from d2r_dask.data.degrade import AxialDegradation, degrade_volume
+    from d2r_dask.evaluation.evaluate import evaluate
+    from d2r_dask.io.geometry import Box
+    from d2r_dask.stages.infer import infer
+    from d2r_dask.stages.restore import restore
+    from d2r_dask.stages.train import (DGEANTrainConfig, RestorerConfig, TrainConfig, train_dgean,
                                 train_restorer)
-    from d2r_dask.volume import Geometry, is_complete, open_volume, write_volume
+    from d2r_dask.io.volume import Geometry, is_complete, open_volume, write_volume
 
     wd = work / f"x{s}"
     wd.mkdir(parents=True, exist_ok=True)
@@ -219,9 +219,9 @@ def run_factor(args: argparse.Namespace, s: int, gt: Path, work: Path, out: Path
 def _score_baselines(args: argparse.Namespace, s: int, lr: Path, gt_zarr: Path, wd: Path, out: Path,
                      record: dict[str, Any], timed: Any) -> dict[str, Any]:
     """Only the z-interpolations of the LR (no training): the cheap part of the protocol."""
-    from d2r_dask.evaluate import evaluate
-    from d2r_dask.geometry import Box
-    from d2r_dask.volume import open_volume
+    from d2r_dask.evaluation.evaluate import evaluate
+    from d2r_dask.io.geometry import Box
+    from d2r_dask.io.volume import open_volume
 
     n_gt, ny, nx = open_volume(gt_zarr).shape
     split = args.split if args.split else n_gt // 2
@@ -334,8 +334,8 @@ def main() -> None:
 
     import torch
 
-    from d2r_dask.convert import convert
-    from d2r_dask.volume import is_complete
+    from d2r_dask.io.convert import convert
+    from d2r_dask.io.volume import is_complete
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -52,10 +52,10 @@ def main() -> None:
 
     import torch
 
-    from d2r_dask.degrade import upsample_axis
-    from d2r_dask.metrics import psnr, ssim
-    from d2r_dask.restore import RestorerProcessor
-    from d2r_dask.volume import open_volume
+    from d2r_dask.data.degrade import upsample_axis
+    from d2r_dask.evaluation.metrics import psnr, ssim
+    from d2r_dask.stages.restore import RestorerProcessor
+    from d2r_dask.io.volume import open_volume
 
     lr, gt = open_volume(args.lr), open_volume(args.gt)
     proc = RestorerProcessor(str(args.model), "cpu", seed=args.seed, batch=args.batch)
@@ -98,7 +98,7 @@ def main() -> None:
     if ref is not None:
         ok = [r for r in rows if r["nfe"] > 0 and r["psnr"] >= ref["psnr"] - args.tolerance]
         chosen = min(ok, key=lambda r: (r["nfe"], -r["psnr"]))
-    from d2r_dask.checkpoint import read_config
+    from d2r_dask.models.checkpoint import read_config
 
     cfg = read_config(args.model, "restorer")
     payload = {

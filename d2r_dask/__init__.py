@@ -5,7 +5,7 @@ The Python API mirrors the ``d2r`` commands::
     import d2r_dask as d2r
     lr = d2r.open_volume("lr.zarr")                       # lazy (z, y, x) DataArray in nm
     d2r.run("lr.zarr", "sr.zarr", d2r.RunConfig(factor=8))  # Stages I-IV, resumable
-    from d2r_dask.evaluate import evaluate
+    from d2r_dask.evaluation.evaluate import evaluate
     evaluate("gt.zarr", {"sr": "sr.zarr"}, lr_path="lr.zarr", out_dir="report")
 
 Names are imported on first use, so ``import d2r_dask`` stays cheap.
@@ -19,16 +19,16 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "open_volume": "volume", "write_volume": "volume", "create_volume": "volume", "Geometry": "volume",
-    "AxialDegradation": "degrade", "degrade_volume": "degrade", "upsample_axis": "degrade",
-    "synth_dask": "synth", "synth_block": "synth",
-    "run_blockwise": "engine", "ModelSpec": "processors", "connect": "cluster",
-    "TrainConfig": "train", "RestorerConfig": "train", "DGEANTrainConfig": "train",
-    "train_restorer": "train", "train_dgean": "train",
-    "RunConfig": "pipeline", "run": "pipeline", "plan": "pipeline",
+    "open_volume": "io.volume", "write_volume": "io.volume", "create_volume": "io.volume", "Geometry": "io.volume",
+    "AxialDegradation": "data.degrade", "degrade_volume": "data.degrade", "upsample_axis": "data.degrade",
+    "synth_dask": "data.synth", "synth_block": "data.synth",
+    "run_blockwise": "blockwise.scheduler", "ModelSpec": "blockwise.processors", "connect": "blockwise.cluster",
+    "TrainConfig": "stages.train", "RestorerConfig": "stages.train", "DGEANTrainConfig": "stages.train",
+    "train_restorer": "stages.train", "train_dgean": "stages.train",
+    "RunConfig": "stages.pipeline", "run": "stages.pipeline", "plan": "stages.pipeline",
 }
 # convert, restore, infer, evaluate and demo share their module's name: import them from
-# there (``from d2r_dask.infer import infer``), as a submodule import would shadow them here.
+# there (``from d2r_dask.stages.infer import infer``), as a submodule import would shadow them here.
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 

@@ -82,7 +82,7 @@ def convert(input_path: str, output: Path, voxel_size: tuple[float, float, float
     INPUT is a multi-page TIFF, a folder of PNG/TIFF slices, FILE.h5:DATASET,
     a .npy file or a Zarr volume.
     """
-    from .convert import convert as run_convert
+    from .io.convert import convert as run_convert
 
     run_convert(input_path, output, voxel_size=voxel_size, translation=translation, chunks=chunks,
                 levels=levels, overwrite=overwrite, compression=compression, progress=True)
@@ -94,7 +94,7 @@ def convert(input_path: str, output: Path, voxel_size: tuple[float, float, float
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def info(store: Path, as_json: bool) -> None:
     """Describe a volume: shape, dtype, chunks, voxel size, size on disk, intensities."""
-    from .volume import describe
+    from .io.volume import describe
 
     d = describe(store)
     if as_json:
@@ -133,8 +133,8 @@ def degrade(gt: Path, output: Path, factor: int, mode: str, blur_sigma: float, n
             noise_level: float, seed: int, chunks: tuple[int, int, int] | None, levels: int,
             overwrite: bool) -> None:
     """Degrade an isotropic volume along z by FACTOR (makes an LR input from ground truth)."""
-    from .degrade import AxialDegradation, degrade_volume
-    from .volume import Geometry, open_volume, write_volume
+    from .data.degrade import AxialDegradation, degrade_volume
+    from .io.volume import Geometry, open_volume, write_volume
 
     lr = degrade_volume(open_volume(gt), AxialDegradation(factor, mode, blur_sigma, noise, noise_level, seed))
     write_volume(output, lr.data, Geometry.of(lr), chunks=chunks, levels=levels, overwrite=overwrite,
@@ -156,7 +156,7 @@ def _client(scheduler: str | None, workers: int | None, serial: bool) -> Iterato
     if serial:
         yield None
         return
-    from .cluster import connect
+    from .blockwise.cluster import connect
 
     with connect(scheduler, n_workers=workers) as client:
         click.echo(f"dask dashboard: {client.dashboard_link}", err=True)
@@ -183,7 +183,7 @@ def _train_options(f: Any) -> Any:
 
 def _train_config(steps: int, batch_size: int, learning_rate: float | None, ema: float, checkpoint_every: int,
                   val_every: int, seed: int, device: str | None, default_lr: float) -> Any:
-    from .train import TrainConfig
+    from .stages.train import TrainConfig
 
     return TrainConfig(steps=steps, batch_size=batch_size, lr=learning_rate or default_lr, ema=ema,
                        checkpoint_every=checkpoint_every, val_every=val_every, seed=seed, device=device)
@@ -207,7 +207,7 @@ def train_restorer_cmd(lr_volume: Path, factor: int, out: Path, mode: str, prese
                        checkpoint_every: int, val_every: int, seed: int, device: str | None, resume: bool,
                        overwrite: bool) -> None:
     """Stage I: train the diffusion restorer on XY patches of LR_VOLUME."""
-    from .train import RestorerConfig, train_restorer
+    from .stages.train import RestorerConfig, train_restorer
 
     tcfg = _train_config(steps, batch_size, learning_rate, ema, checkpoint_every, val_every, seed, device,
                          4e-5 if preset == "full" else 2e-4)
@@ -235,7 +235,7 @@ def train_dgean_cmd(hr_volume: Path, factor: int, out: Path, mode: str, preset: 
                     learning_rate: float | None, ema: float, checkpoint_every: int, val_every: int, seed: int,
                     device: str | None, resume: bool, overwrite: bool) -> None:
     """Stage III: train DGEAN on the pseudo-HR volume (degraded along z -> original)."""
-    from .train import DGEANTrainConfig, train_dgean
+    from .stages.train import DGEANTrainConfig, train_dgean
 
     tcfg = _train_config(steps, batch_size, learning_rate, ema, checkpoint_every, val_every, seed, device, 2e-4)
     dcfg = DGEANTrainConfig(factor=factor, mode=mode, preset=preset, patch_xy=patch_xy, patch_lr_z=patch_lr_z,
@@ -245,7 +245,7 @@ def train_dgean_cmd(hr_volume: Path, factor: int, out: Path, mode: str, preset: 
 
 
 def _roi(roi: tuple[int, ...] | None) -> Any:
-    from .geometry import Box
+    from .io.geometry import Box
 
     return None if roi is None else Box(tuple(roi[:3]), tuple(roi[3:]))
 
@@ -276,7 +276,7 @@ def restore(lr_volume: Path, output: Path, model: Path, roi: tuple[int, ...] | N
             compile_: bool, scheduler: str | None, workers: int | None, serial: bool, levels: int,
             overwrite: bool) -> None:
     """Stage II: restore every XZ and YZ slice of LR_VOLUME and fuse them (pseudo-HR)."""
-    from .restore import restore as run_restore
+    from .stages.restore import restore as run_restore
 
     with _client(scheduler, workers, serial) as client:
         run_restore(lr_volume, output, model, roi=_roi(roi), block=block, overlap=overlap, sampler=sampler,
@@ -303,7 +303,7 @@ def infer(lr_volume: Path, output: Path, model: Path, roi: tuple[int, ...] | Non
           batch: int, tta: bool, compile_: bool, scheduler: str | None, workers: int | None, serial: bool,
           levels: int, overwrite: bool) -> None:
     """Stage IV: super-resolve LR_VOLUME with DGEAN, blockwise (exact halo, crop mode)."""
-    from .infer import infer as run_infer
+    from .stages.infer import infer as run_infer
 
     with _client(scheduler, workers, serial) as client:
         run_infer(lr_volume, output, model, roi=_roi(roi), block=block, batch=batch, tta=tta, compile=compile_,
@@ -358,7 +358,7 @@ def run(lr_volume: Path, output: Path, factor: int | None, mode: str | None, con
     Stage III train DGEAN on the pseudo-HR degraded along z
     Stage IV  DGEAN over all of LR_VOLUME, blockwise -> SR
     """
-    from .pipeline import RunConfig, load_config_file, merge, plan, run as run_pipeline
+    from .stages.pipeline import RunConfig, load_config_file, merge, plan, run as run_pipeline
 
     base = load_config_file(config_file) if config_file else {}
     merged = merge(base, _run_overrides(factor, mode, seed, device, restorer_steps, dgean_steps,
@@ -387,7 +387,7 @@ def config() -> None:
 @click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml")
 def config_show(factor: int, fmt: str) -> None:
     """Print every option of `d2r run` with its default."""
-    from .pipeline import config_template
+    from .stages.pipeline import config_template
 
     data = config_template(factor)
     if fmt == "json":
@@ -416,7 +416,7 @@ def evaluate(result: Path, gt: Path, lr_path: Path | None, pseudo_hr: Path | Non
 
     Writes metrics.json, report.md and figures; works blockwise on large volumes.
     """
-    from .evaluate import evaluate as run_evaluate
+    from .evaluation.evaluate import evaluate as run_evaluate
 
     candidates: dict[str, Any] = {"sr": result}
     if pseudo_hr:

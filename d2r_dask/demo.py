@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .pipeline import DGEANStage, RestorerStage, RestoreStage, RunConfig
+from .stages.pipeline import DGEANStage, RestorerStage, RestoreStage, RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +56,12 @@ def demo(
     evaluation too when the results it scored were complete before this call.
     ``shape`` of the synthetic volume defaults to :data:`DEMO_SHAPE` (:data:`QUICK_SHAPE` with ``quick``).
     """
-    from .convert import convert
-    from .degrade import AxialDegradation, degrade_volume
-    from .evaluate import evaluate
-    from .pipeline import run
-    from .synth import synth_dask
-    from .volume import Geometry, is_complete, open_volume, write_volume
+    from .io.convert import convert
+    from .data.degrade import AxialDegradation, degrade_volume
+    from .evaluation.evaluate import evaluate
+    from .stages.pipeline import run
+    from .data.synth import synth_dask
+    from .io.volume import Geometry, is_complete, open_volume, write_volume
 
     out = Path(out_dir)
     if overwrite and out.exists():

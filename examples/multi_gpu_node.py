@@ -17,8 +17,8 @@ import logging
 from dask_cuda import LocalCUDACluster
 from distributed import Client
 
-from d2r_dask.infer import infer
-from d2r_dask.restore import restore
+from d2r_dask.stages.infer import infer
+from d2r_dask.stages.restore import restore
 
 logging.basicConfig(level=logging.INFO)
 

@@ -17,7 +17,7 @@ import logging
 from dask_jobqueue import SLURMCluster
 from distributed import Client
 
-from d2r_dask.infer import infer
+from d2r_dask.stages.infer import infer
 
 logging.basicConfig(level=logging.INFO)
 

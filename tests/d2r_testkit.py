@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from d2r_dask.checkpoint import save_checkpoint
-from d2r_dask.volume import Geometry, write_volume
+from d2r_dask.models.checkpoint import save_checkpoint
+from d2r_dask.io.volume import Geometry, write_volume
 
 # the cheapest settings that still exercise every code path of fit(): two validations, two checkpoints
 TINY_TRAIN: dict[str, Any] = {"steps": 4, "batch_size": 2, "checkpoint_every": 2, "val_every": 2,
@@ -25,27 +25,27 @@ TINY_TRAIN: dict[str, Any] = {"steps": 4, "batch_size": 2, "checkpoint_every": 2
 
 
 def tiny_train(**overrides: Any) -> Any:
-    from d2r_dask.train import TrainConfig
+    from d2r_dask.stages.train import TrainConfig
 
     return TrainConfig(**{**TINY_TRAIN, **overrides})
 
 
 def tiny_restorer_cfg(factor: int = 4, mode: str = "decimate", **overrides: Any) -> Any:
-    from d2r_dask.train import RestorerConfig
+    from d2r_dask.stages.train import RestorerConfig
 
     return RestorerConfig(**{"factor": factor, "mode": mode, "patch": 32, "sampler_steps": 2,
                              "val_sampler_steps": 1, **overrides})
 
 
 def tiny_dgean_cfg(factor: int = 4, mode: str = "decimate", **overrides: Any) -> Any:
-    from d2r_dask.train import DGEANTrainConfig
+    from d2r_dask.stages.train import DGEANTrainConfig
 
     return DGEANTrainConfig(**{"factor": factor, "mode": mode, "patch_xy": 16, "patch_lr_z": 3, **overrides})
 
 
 def synth_array(shape: Sequence[int], seed: int = 0) -> np.ndarray:
     """Synthetic neuropil (uint8): structured like EM, so restorers and metrics see real edges."""
-    from d2r_dask.synth import synth_dask
+    from d2r_dask.data.synth import synth_dask
 
     return np.asarray(synth_dask(tuple(shape), chunks=tuple(shape), seed=seed))
 
@@ -99,7 +99,7 @@ _TRAINED: dict[str, Path] = {}
 def trained(kind: str, base: Path) -> Path:
     """A tiny model of ``kind`` ('restorer' or 'dgean') trained once per session under ``base``;
     callers copy it before changing anything."""
-    from d2r_dask.train import train_dgean, train_restorer
+    from d2r_dask.stages.train import train_dgean, train_restorer
 
     if kind not in _TRAINED:
         root = base / f"trained-{kind}"

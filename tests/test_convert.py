@@ -12,9 +12,9 @@ import tifffile
 import zarr
 from conftest import assert_cli_ok, random_volume
 
-import d2r_dask.convert as convert_mod
-from d2r_dask.convert import convert, open_source
-from d2r_dask.volume import Geometry, is_complete, open_volume, write_volume
+import d2r_dask.io.convert as convert_mod
+from d2r_dask.io.convert import convert, open_source
+from d2r_dask.io.volume import Geometry, is_complete, open_volume, write_volume
 
 
 def _check(out: Path, data: np.ndarray, voxel_size: tuple, translation: tuple = (0.0, 0.0, 0.0)) -> None:

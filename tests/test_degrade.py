@@ -11,7 +11,7 @@ import pytest
 from conftest import random_volume
 from scipy.ndimage import gaussian_filter1d
 
-from d2r_dask.degrade import (
+from d2r_dask.data.degrade import (
     METHODS,
     AxialDegradation,
     check_finite,
@@ -23,8 +23,8 @@ from d2r_dask.degrade import (
     upsample_axis,
 )
 from d2r_dask.errors import InputError
-from d2r_dask.geometry import lr_transform
-from d2r_dask.volume import Geometry, as_dataarray, open_volume, write_volume
+from d2r_dask.io.geometry import lr_transform
+from d2r_dask.io.volume import Geometry, as_dataarray, open_volume, write_volume
 
 
 def _ref_degrade(a: np.ndarray, s: int, axis: int, mode: str) -> np.ndarray:

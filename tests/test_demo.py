@@ -12,11 +12,11 @@ import pytest
 from conftest import assert_cli_ok
 from d2r_testkit import one_torch_thread  # noqa: F401  (autouse)
 
-from d2r_dask import engine
-from d2r_dask import evaluate as evaluate_mod
-from d2r_dask import train as train_mod
+from d2r_dask.blockwise import scheduler as engine
+from d2r_dask.evaluation import evaluate as evaluate_mod
+from d2r_dask.stages import train as train_mod
 from d2r_dask.demo import QUICK_SHAPE
-from d2r_dask.volume import open_volume
+from d2r_dask.io.volume import open_volume
 
 QUIET_MACHINE_BUDGET_S = 90
 

@@ -21,8 +21,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pytest
 
-from d2r_dask import engine
-from d2r_dask.engine import (
+from d2r_dask.blockwise import scheduler as engine
+from d2r_dask.blockwise.scheduler import (
     Layout,
     apply_whole,
     blend_weights,
@@ -32,10 +32,10 @@ from d2r_dask.engine import (
     worker_stats,
 )
 from d2r_dask.errors import IncompleteVolumeError, InputError, ResumeMismatchError
-from d2r_dask.geometry import Box
-from d2r_dask.processors import ModelSpec, load_processor
-from d2r_dask.seams import seam_ratio
-from d2r_dask.volume import Geometry, open_reader, open_volume, output_array, write_volume
+from d2r_dask.io.geometry import Box
+from d2r_dask.blockwise.processors import ModelSpec, load_processor
+from d2r_dask.evaluation.seams import seam_ratio
+from d2r_dask.io.volume import Geometry, open_reader, open_volume, output_array, write_volume
 
 RF = (2, 2, 2)  # receptive field of the default conv3d test model (depth 2, kernel 3)
 SHAPE = (11, 13, 17)  # primes: no block shape below divides it
@@ -392,8 +392,8 @@ def test_resume_refuses_a_different_job(tmp_path: Path, volume: tuple[Path, np.n
 
 _SLOW_JOB = """
 import sys, time
-from d2r_dask import engine
-from d2r_dask.processors import ModelSpec
+from d2r_dask.blockwise import scheduler as engine
+from d2r_dask.blockwise.processors import ModelSpec
 
 real = engine.run_group
 def slow(job, phase, gid):

@@ -10,7 +10,7 @@ import tifffile
 import zarr
 from conftest import assert_cli_error, assert_cli_ok, random_volume
 
-from d2r_dask.volume import is_complete, open_volume
+from d2r_dask.io.volume import is_complete, open_volume
 
 
 # --- missing or unusable paths ------------------------------------------------------------------

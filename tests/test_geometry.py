@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from d2r_dask.errors import InputError
-from d2r_dask.geometry import (
+from d2r_dask.io.geometry import (
     Box,
     check_factor,
     check_mode,

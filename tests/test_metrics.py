@@ -8,7 +8,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from scipy import ndimage
 from scipy.signal.windows import tukey
 
-from d2r_dask.metrics import (
+from d2r_dask.evaluation.metrics import (
     SSIM_WIN,
     MetricAccumulator,
     boundary_agreement,

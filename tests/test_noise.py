@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from d2r_dask.noise import keyed_normal
+from d2r_dask.data.noise import keyed_normal
 
 
 def test_keyed_normal_distribution_and_independence():
@@ -54,7 +54,7 @@ PINNED = np.array([-0.091550164, -1.4442618, 1.0179495, -0.44024915], dtype=np.f
 
 
 def test_hash_is_splitmix64():
-    from d2r_dask import noise
+    from d2r_dask.data import noise
 
     # splitmix64 from state 0: the first output is 0xE220A8397B1DCDAF
     assert noise._mix_int(0) == 0xE220A8397B1DCDAF
@@ -65,7 +65,7 @@ def test_hash_is_splitmix64():
 
 
 def test_uniforms_are_uniform_and_keyed():
-    from d2r_dask.noise import keyed_uniform
+    from d2r_dask.data.noise import keyed_uniform
 
     u = keyed_uniform(3, 0, np.arange(200)[:, None], np.arange(300)[None, :])
     assert u.dtype == np.float64 and 0 <= u.min() and u.max() < 1

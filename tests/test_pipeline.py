@@ -31,10 +31,10 @@ import yaml
 from conftest import assert_cli_error, assert_cli_ok
 from d2r_testkit import one_torch_thread, synth_array, write  # noqa: F401  (autouse fixture)
 
-from d2r_dask import engine
-from d2r_dask import train as train_mod
+from d2r_dask.blockwise import scheduler as engine
+from d2r_dask.stages import train as train_mod
 from d2r_dask.errors import InputError, ResumeMismatchError
-from d2r_dask.pipeline import (
+from d2r_dask.stages.pipeline import (
     STAGES,
     DGEANStage,
     InferStage,
@@ -47,7 +47,7 @@ from d2r_dask.pipeline import (
     plan,
     run,
 )
-from d2r_dask.volume import is_complete, open_volume
+from d2r_dask.io.volume import is_complete, open_volume
 
 S = 4
 VOXEL, ORIGIN = (40.0, 5.0, 5.0), (100.0, 20.0, -10.0)
@@ -174,8 +174,10 @@ import json, sys, time
 from pathlib import Path
 import torch
 torch.set_num_threads(1)  # as the test process: the same floating-point results
-from d2r_dask import engine, pipeline, train
-from d2r_dask.pipeline import RunConfig
+from d2r_dask.blockwise import scheduler as engine
+from d2r_dask.stages import pipeline
+from d2r_dask.stages import train
+from d2r_dask.stages.pipeline import RunConfig
 
 lr, out, config, stage, flag = sys.argv[1:6]
 
@@ -313,7 +315,7 @@ def test_resume_after_kill_9_in_any_stage(stage: str, tmp_path: Path, lr: Path, 
 def test_resume_after_kill_9_on_fib25_x4(tmp_path: Path, shared_data: Callable[[str], Path],
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """fib25 (10 nm isotropic), a 32 x 64 x 64 crop decimated x4 along z, killed in Stage II."""
-    from d2r_dask.convert import convert
+    from d2r_dask.io.convert import convert
 
     tif = shared_data("fib25_sample1_10nm.tif")
     gt = convert(tif, tmp_path / "gt.zarr", voxel_size=(10.0, 10.0, 10.0), levels=1)

@@ -18,7 +18,7 @@ from d2r_dask.models.nafnet import (
     NAFNetConfig,
     nafnet_config,
 )
-from d2r_dask.noise import keyed_normal
+from d2r_dask.data.noise import keyed_normal
 from d2r_dask.models.sde import IRSDE, SDEConfig
 
 TINY = PRESETS["tiny"]

@@ -21,13 +21,13 @@ from d2r_testkit import (
     write,
 )
 
-from d2r_dask.engine import apply_whole
-from d2r_dask.geometry import Box
-from d2r_dask.infer import DGEANProcessor, infer
+from d2r_dask.blockwise.scheduler import apply_whole
+from d2r_dask.io.geometry import Box
+from d2r_dask.stages.infer import DGEANProcessor, infer
 from d2r_dask.models.dgean import receptive_field
-from d2r_dask.restore import restore, sr_geometry
-from d2r_dask.train import load_dgean
-from d2r_dask.volume import open_volume
+from d2r_dask.stages.restore import restore, sr_geometry
+from d2r_dask.stages.train import load_dgean
+from d2r_dask.io.volume import open_volume
 
 VOXEL = (40.0, 5.0, 5.0)
 ORIGIN = (100.0, 20.0, -10.0)
@@ -121,7 +121,7 @@ def test_stage4_mean_mode_geometry_and_integer_output(tmp_path: Path, dgean_mode
 
 
 def test_sr_geometry_matches_the_rule() -> None:
-    from d2r_dask.volume import Geometry, as_dataarray
+    from d2r_dask.io.volume import Geometry, as_dataarray
 
     lr = as_dataarray(np.zeros((6, 8, 8), np.uint8), Geometry(VOXEL, ORIGIN))
     for mode in ("decimate", "mean"):
@@ -194,7 +194,7 @@ def test_stage4_resumes_after_a_kill_while_writing_the_pyramid(tmp_path: Path, m
                                                                dgean_models: dict[str, Path]) -> None:
     import zarr
 
-    from d2r_dask import engine
+    from d2r_dask.blockwise import scheduler as engine
 
     data = (synth_array((2, 64, 64), seed=14) / 255.0).astype(np.float32)
     lr = write(tmp_path / "lr.zarr", data, (40.0, 5.0, 5.0), chunks=(2, 32, 32))

@@ -6,8 +6,8 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from d2r_dask import synth
-from d2r_dask.synth import SynthParams, synth_block, synth_dask
+from d2r_dask.data import synth
+from d2r_dask.data.synth import SynthParams, synth_block, synth_dask
 
 # Small cells keep blocks cheap while still crossing several grid cells per block.
 SMALL = SynthParams(cell_size=16, membrane_thickness=2.0)

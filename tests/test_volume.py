@@ -11,7 +11,7 @@ import zarr
 from conftest import random_volume
 
 from d2r_dask.errors import IncompleteVolumeError, InputError, OutputExistsError
-from d2r_dask.volume import (
+from d2r_dask.io.volume import (
     Geometry,
     check_dtype,
     create_volume,

@@ -75,7 +75,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..geometry import MODES, hr_to_lr_coord
+from ..io.geometry import MODES, hr_to_lr_coord
 
 __all__ = [
     "DGEAN",

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .geometry import Box
+from ..io.geometry import Box
 
 ORDER = ("nearest", "linear", "cubic", "pseudo_hr", "sr", "supervised")
 

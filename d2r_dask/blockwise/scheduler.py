@@ -55,10 +55,10 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from .errors import InputError, OutputExistsError, ResumeMismatchError
-from .geometry import Box, grid_shape, iter_blocks
+from ..errors import InputError, OutputExistsError, ResumeMismatchError
+from ..io.geometry import Box, grid_shape, iter_blocks
 from .processors import BlockProcessor, ModelSpec, load_processor
-from .volume import (Geometry, create_scratch, create_volume, finalize_volume, is_complete, open_reader,
+from ..io.volume import (Geometry, create_scratch, create_volume, finalize_volume, is_complete, open_reader,
                      open_scratch, open_volume, output_array)
 
 log = logging.getLogger(__name__)
@@ -402,7 +402,7 @@ def _write_blocks(job: Job, items: Sequence[tuple[Triple, np.ndarray]]) -> None:
     Consecutive blocks of one row (a group runs along x in C order) go out in one Zarr
     write; either way every output chunk is written whole, once, by this task.
     """
-    from .degrade import to_dtype
+    from ..data.degrade import to_dtype
 
     layout = job.layout
     out = _array(job, "output")
@@ -503,7 +503,7 @@ def _configure_workers(client: Any) -> None:
 
     workers = client.scheduler_info(n_workers=-1)["workers"]
     per_host = Counter(addr.rsplit(":", 1)[0] for addr in workers)
-    info = client.run(lambda: (os.cpu_count() or 1, __import__("d2r_dask.cluster", fromlist=["x"]).gpu_count()))
+    info = client.run(lambda: (os.cpu_count() or 1, __import__("d2r_dask.blockwise.cluster", fromlist=["x"]).gpu_count()))
     threads: dict[str, int] = {}
     gpus: dict[str, int] = {}
     for addr, (cpus, n_gpu) in info.items():

@@ -19,14 +19,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .degrade import upsample_axis
-from .engine import run_blockwise
-from .errors import InputError
-from .geometry import Box, sr_transform
-from .noise import keyed_normal
-from .patches import Intensity
-from .processors import ModelSpec, register
-from .volume import Geometry, open_volume
+from ..data.degrade import upsample_axis
+from ..blockwise.scheduler import run_blockwise
+from ..errors import InputError
+from ..io.geometry import Box, sr_transform
+from ..data.noise import keyed_normal
+from ..data.patches import Intensity
+from ..blockwise.processors import ModelSpec, register
+from ..io.volume import Geometry, open_volume
 
 log = logging.getLogger(__name__)
 Triple = tuple[int, int, int]

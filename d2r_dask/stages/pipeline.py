@@ -27,10 +27,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from . import __version__
-from .errors import InputError, ResumeMismatchError
-from .geometry import Box, check_factor, check_mode, grid_shape
-from .volume import is_complete, open_volume
+from .. import __version__
+from ..errors import InputError, ResumeMismatchError
+from ..io.geometry import Box, check_factor, check_mode, grid_shape
+from ..io.volume import is_complete, open_volume
 
 log = logging.getLogger(__name__)
 STAGES = ("restorer", "pseudo_hr", "dgean", "sr")
@@ -241,7 +241,7 @@ def stage2_roi(shape: Sequence[int], cfg: RunConfig) -> Box:
 
 def plan(lr_path: str | os.PathLike, cfg: RunConfig) -> dict[str, Any]:
     """What each stage will do: data, blocks, network evaluations (no computation)."""
-    from .models.dgean import dgean_config, flops_per_output_voxel, receptive_field
+    from ..models.dgean import dgean_config, flops_per_output_voxel, receptive_field
 
     lr = open_volume(lr_path)
     s = cfg.factor

@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 log = logging.getLogger(__name__)
 Triple = tuple[int, int, int]
@@ -77,7 +77,7 @@ class BlockProcessor(Protocol):
 Loader = Callable[[ModelSpec, str], BlockProcessor]
 _REGISTRY: dict[str, Loader] = {}
 # the stages' processors register themselves when their module is imported
-_BUILTIN_MODULES = {"restorer": "d2r_dask.restore", "dgean": "d2r_dask.infer"}
+_BUILTIN_MODULES = {"restorer": "d2r_dask.stages.restore", "dgean": "d2r_dask.stages.infer"}
 
 
 def register(kind: str) -> Callable[[Loader], Loader]:

@@ -15,13 +15,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .engine import run_blockwise
-from .errors import InputError
-from .geometry import Box
-from .patches import Intensity
-from .processors import ModelSpec, register
+from ..blockwise.scheduler import run_blockwise
+from ..errors import InputError
+from ..io.geometry import Box
+from ..data.patches import Intensity
+from ..blockwise.processors import ModelSpec, register
 from .restore import sr_geometry
-from .volume import open_volume
+from ..io.volume import open_volume
 
 log = logging.getLogger(__name__)
 Triple = tuple[int, int, int]
@@ -32,7 +32,7 @@ class DGEANProcessor:
 
     def __init__(self, directory: str, device: str, *, tta: bool = False, compile: bool = False,
                  bf16: bool | None = None) -> None:
-        from .models.dgean import receptive_field, tta_forward
+        from ..models.dgean import receptive_field, tta_forward
         from .train import load_dgean
 
         net, config = load_dgean(directory)
@@ -85,7 +85,7 @@ def infer(
 
     Restarting with the same arguments resumes at the first unfinished chunk.
     """
-    from .models.dgean import receptive_field
+    from ..models.dgean import receptive_field
     from .train import read_dgean_config
 
     cfg, _ = read_dgean_config(model)

@@ -19,8 +19,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .degrade import check_finite
-from .errors import D2RError, InputError
+from ..data.degrade import check_finite
+from ..errors import D2RError, InputError
 from .volume import Geometry, check_dtype, create_volume, default_chunks, finalize_volume, open_volume
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from typing import Iterator, Literal, Sequence
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 Mode = Literal["decimate", "mean"]
 MODES: tuple[str, ...] = ("decimate", "mean")

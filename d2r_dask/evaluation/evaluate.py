@@ -19,11 +19,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .degrade import to_dtype
-from .errors import InputError
-from .geometry import Box, check_factor, check_mode, sr_transform
+from ..data.degrade import to_dtype
+from ..errors import InputError
+from ..io.geometry import Box, check_factor, check_mode, sr_transform
 from .metrics import SSIM_WIN, MetricAccumulator, boundary_agreement, boundary_map, interpolate_z
-from .volume import Geometry, d2r_metadata, open_volume
+from ..io.volume import Geometry, d2r_metadata, open_volume
 
 log = logging.getLogger(__name__)
 INTERPOLATIONS = ("nearest", "linear", "cubic")

@@ -27,11 +27,11 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from . import __version__
-from .checkpoint import TRAIN_STATE, load_into, read_config, read_train_state, save_checkpoint
-from .errors import CheckpointError, InputError, OutputExistsError
-from .geometry import check_factor, check_mode
-from .patches import Intensity, PatchSource, axial_pair, lateral_pair, step_rng
+from .. import __version__
+from ..models.checkpoint import TRAIN_STATE, load_into, read_config, read_train_state, save_checkpoint
+from ..errors import CheckpointError, InputError, OutputExistsError
+from ..io.geometry import check_factor, check_mode
+from ..data.patches import Intensity, PatchSource, axial_pair, lateral_pair, step_rng
 
 log = logging.getLogger(__name__)
 
@@ -253,9 +253,9 @@ def train_restorer(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Stage I: train the restorer on XY patches of the LR volume (never loaded whole)."""
-    from .metrics import psnr, ssim
-    from .models.nafnet import ConditionalNAFNet, nafnet_config
-    from .models.sde import IRSDE, SDEConfig
+    from ..evaluation.metrics import psnr, ssim
+    from ..models.nafnet import ConditionalNAFNet, nafnet_config
+    from ..models.sde import IRSDE, SDEConfig
 
     tcfg = tcfg or TrainConfig(lr=4e-5 if rcfg.preset == "full" else 2e-4)
     source, val_source = _sources(lr_volume)
@@ -317,8 +317,8 @@ def train_restorer(
 
 def read_restorer_config(directory: str | os.PathLike) -> tuple[Any, Any, dict[str, Any]]:
     """``(NAFNetConfig, SDEConfig, config)`` of a Stage I checkpoint, checked (CheckpointError)."""
-    from .models.nafnet import NAFNetConfig
-    from .models.sde import SDEConfig
+    from ..models.nafnet import NAFNetConfig
+    from ..models.sde import SDEConfig
 
     config = read_config(directory, "restorer")
     try:
@@ -333,8 +333,8 @@ def read_restorer_config(directory: str | os.PathLike) -> tuple[Any, Any, dict[s
 
 def load_restorer(directory: str | os.PathLike) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     """``(network, IRSDE, config)`` of a Stage I checkpoint, network in eval mode on the CPU."""
-    from .models.nafnet import ConditionalNAFNet
-    from .models.sde import IRSDE
+    from ..models.nafnet import ConditionalNAFNet
+    from ..models.sde import IRSDE
 
     net_cfg, sde_cfg, config = read_restorer_config(directory)
     return load_into(ConditionalNAFNet(net_cfg), directory).eval(), IRSDE(sde_cfg), config
@@ -380,10 +380,10 @@ def train_dgean(
     ``z_range`` limits the HR slices used (e.g. to keep a ground-truth evaluation
     region out of supervised training); its last tenth is held out for validation.
     """
-    from .degrade import upsample_axis
-    from .metrics import psnr, ssim
-    from .models.dgean import DGEAN, dgean_config
-    from .models.losses import hf_loss
+    from ..data.degrade import upsample_axis
+    from ..evaluation.metrics import psnr, ssim
+    from ..models.dgean import DGEAN, dgean_config
+    from ..models.losses import hf_loss
 
     tcfg = tcfg or TrainConfig(lr=2e-4)
     source, val_source = _sources(hr_volume, z_range, intensity)
@@ -450,7 +450,7 @@ def train_dgean(
 
 def read_dgean_config(directory: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
     """``(DGEANConfig, config)`` of a Stage III checkpoint, checked (CheckpointError)."""
-    from .models.dgean import DGEANConfig
+    from ..models.dgean import DGEANConfig
 
     config = read_config(directory, "dgean")
     try:
@@ -463,7 +463,7 @@ def read_dgean_config(directory: str | os.PathLike) -> tuple[Any, dict[str, Any]
 
 def load_dgean(directory: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
     """``(network, config)`` of a Stage III checkpoint, in eval mode on the CPU."""
-    from .models.dgean import DGEAN
+    from ..models.dgean import DGEAN
 
     cfg, config = read_dgean_config(directory)
     return load_into(DGEAN(cfg), directory).eval(), config

@@ -20,10 +20,10 @@ import numpy as np
 import xarray as xr
 from scipy.ndimage import gaussian_filter1d
 
-from .errors import InputError
-from .geometry import check_factor, check_mode, degraded_length, hr_to_lr_coord, lr_transform
+from ..errors import InputError
+from ..io.geometry import check_factor, check_mode, degraded_length, hr_to_lr_coord, lr_transform
 from .noise import keyed_normal
-from .volume import Geometry, as_dataarray
+from ..io.volume import Geometry, as_dataarray
 
 Method = Literal["nearest", "linear", "cubic"]
 METHODS = ("nearest", "linear", "cubic")

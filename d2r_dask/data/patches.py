@@ -20,8 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from .degrade import degrade_along, upsample_axis
-from .errors import InputError
-from .volume import open_volume
+from ..errors import InputError
+from ..io.volume import open_volume
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,8 @@ import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from . import __version__
-from .errors import IncompleteVolumeError, InputError, OutputExistsError
+from .. import __version__
+from ..errors import IncompleteVolumeError, InputError, OutputExistsError
 
 log = logging.getLogger(__name__)
 
