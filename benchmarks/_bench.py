@@ -51,7 +51,8 @@ def _cpu_model() -> str:
 def synthetic_volume(path: Path, shape: Sequence[int], *, chunks: Sequence[int] = (32, 128, 128),
                      seed: int = 0) -> Path:
     """A synthetic vEM volume on disk (``d2r_dask.data.synth``), reused when already there."""
-    from d2r_dask.io.volume import Geometry, is_complete, open_volume, write_volume
+    from d2r_dask.io.geometry import Geometry
+    from d2r_dask.io.volume import is_complete, open_volume, write_volume
 
     if path.exists() and is_complete(path) and tuple(open_volume(path).shape) == tuple(shape):
         return path

@@ -37,7 +37,7 @@ def bare_loop(src: Path, spec: Any, block: tuple, halo: tuple, group: int, threa
     """The same blocks through the same model in a plain loop; seconds (model loaded before)."""
     import torch
 
-    from d2r_dask.blockwise.scheduler import Layout
+    from d2r_dask.blockwise.layout import Layout
     from d2r_dask.io.geometry import Box
     from d2r_dask.blockwise.processors import load_processor
     from d2r_dask.io.volume import open_volume

@@ -49,7 +49,8 @@ def dask_baseline(client: Any, n: int, window: int) -> float:
 
 def plan_seconds(workdir: Path, n_blocks: int) -> dict[str, float]:
     """Client-side planning for ``n_blocks`` blocks: layout, marker scan, task ids."""
-    from d2r_dask.blockwise.scheduler import Job, Layout, _done_groups
+    from d2r_dask.blockwise.jobstate import Job, done_groups
+    from d2r_dask.blockwise.layout import Layout
     from d2r_dask.io.geometry import Box
     from d2r_dask.blockwise.processors import ModelSpec
 
@@ -57,7 +58,7 @@ def plan_seconds(workdir: Path, n_blocks: int) -> dict[str, float]:
     t0 = time.perf_counter()
     layout = Layout(roi=Box((0, 0, 0), (side * 4,) * 3), block=(4, 4, 4), halo=(0, 0, 0))
     job = Job("src", str(workdir / "plan.zarr"), ModelSpec("noop"), layout, "uint8")
-    done = _done_groups(job, "write")
+    done = done_groups(job, "write")
     todo = [g for g in range(layout.n_groups) if g not in done]
     blocks = [layout.group_blocks(g) for g in todo[:: max(1, len(todo) // 1000)]]
     return {"blocks": layout.n_blocks, "seconds": time.perf_counter() - t0, "sampled_groups": len(blocks)}
@@ -75,7 +76,8 @@ def main() -> None:
 
     from distributed import Client, LocalCluster
 
-    from d2r_dask.blockwise.scheduler import run_blockwise, worker_stats
+    from d2r_dask.blockwise.runtime import worker_stats
+    from d2r_dask.blockwise.scheduler import run_blockwise
     from d2r_dask.blockwise.processors import ModelSpec
 
     info = machine_info()

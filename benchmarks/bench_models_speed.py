@@ -147,7 +147,7 @@ def pipeline_speed(lr_path: Path, model: Path, block: list[int], reps: int, devi
     import numpy as np
     import torch
 
-    from d2r_dask.blockwise.scheduler import Layout
+    from d2r_dask.blockwise.layout import Layout
     from d2r_dask.io.geometry import Box
     from d2r_dask.stages.infer import DGEANProcessor, infer
     from d2r_dask.io.volume import open_volume

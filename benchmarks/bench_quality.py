@@ -76,7 +76,8 @@ def _val_curve(folder: Path) -> list[dict[str, float]]:
 
 def _crop_gt(gt_path: Path, out: Path, box: Any) -> Path:
     """A GT sub-volume as its own OME-Zarr, placed at its true physical position."""
-    from d2r_dask.io.volume import Geometry, is_complete, open_volume, write_volume
+    from d2r_dask.io.geometry import Geometry
+    from d2r_dask.io.volume import is_complete, open_volume, write_volume
 
     if out.exists() and is_complete(out):
         return out
@@ -96,7 +97,8 @@ def run_factor(args: argparse.Namespace, s: int, gt: Path, work: Path, out: Path
     from d2r_dask.stages.restore import restore
     from d2r_dask.stages.train import (DGEANTrainConfig, RestorerConfig, TrainConfig, train_dgean,
                                 train_restorer)
-    from d2r_dask.io.volume import Geometry, is_complete, open_volume, write_volume
+    from d2r_dask.io.geometry import Geometry
+    from d2r_dask.io.volume import is_complete, open_volume, write_volume
 
     wd = work / f"x{s}"
     wd.mkdir(parents=True, exist_ok=True)

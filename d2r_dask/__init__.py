@@ -19,7 +19,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "open_volume": "io.volume", "write_volume": "io.volume", "create_volume": "io.volume", "Geometry": "io.volume",
+    "open_volume": "io.volume", "write_volume": "io.volume", "create_volume": "io.volume", "Geometry": "io.geometry",
     "AxialDegradation": "data.degrade", "degrade_volume": "data.degrade", "upsample_axis": "data.degrade",
     "synth_dask": "data.synth", "synth_block": "data.synth",
     "run_blockwise": "blockwise.scheduler", "ModelSpec": "blockwise.processors", "connect": "blockwise.cluster",

@@ -134,7 +134,8 @@ def degrade(gt: Path, output: Path, factor: int, mode: str, blur_sigma: float, n
             overwrite: bool) -> None:
     """Degrade an isotropic volume along z by FACTOR (makes an LR input from ground truth)."""
     from .data.degrade import AxialDegradation, degrade_volume
-    from .io.volume import Geometry, open_volume, write_volume
+    from .io.geometry import Geometry
+    from .io.volume import open_volume, write_volume
 
     lr = degrade_volume(open_volume(gt), AxialDegradation(factor, mode, blur_sigma, noise, noise_level, seed))
     write_volume(output, lr.data, Geometry.of(lr), chunks=chunks, levels=levels, overwrite=overwrite,

@@ -61,7 +61,8 @@ def demo(
     from .evaluation.evaluate import evaluate
     from .stages.pipeline import run
     from .data.synth import synth_dask
-    from .io.volume import Geometry, is_complete, open_volume, write_volume
+    from .io.geometry import Geometry
+    from .io.volume import is_complete, open_volume, write_volume
 
     out = Path(out_dir)
     if overwrite and out.exists():

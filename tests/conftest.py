@@ -47,7 +47,8 @@ def random_volume(shape: Sequence[int], dtype: Any = np.uint8, seed: int = 0) ->
 def write_random_volume(tmp_path: Path) -> Callable[..., tuple[Path, np.ndarray]]:
     """``write_random_volume(name, shape, dtype, voxel_size, translation, chunks, levels)``
     -> ``(path, data)``: a finished OME-Zarr image in ``tmp_path``."""
-    from d2r_dask.io.volume import Geometry, write_volume
+    from d2r_dask.io.geometry import Geometry
+    from d2r_dask.io.volume import write_volume
 
     def make(
         name: str = "vol.zarr",

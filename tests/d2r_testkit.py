@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from d2r_dask.models.checkpoint import save_checkpoint
-from d2r_dask.io.volume import Geometry, write_volume
+from d2r_dask.io.geometry import Geometry
+from d2r_dask.io.volume import write_volume
 
 # the cheapest settings that still exercise every code path of fit(): two validations, two checkpoints
 TINY_TRAIN: dict[str, Any] = {"steps": 4, "batch_size": 2, "checkpoint_every": 2, "val_every": 2,

@@ -14,7 +14,8 @@ from conftest import assert_cli_ok, random_volume
 
 import d2r_dask.io.convert as convert_mod
 from d2r_dask.io.convert import convert, open_source
-from d2r_dask.io.volume import Geometry, is_complete, open_volume, write_volume
+from d2r_dask.io.geometry import Geometry
+from d2r_dask.io.volume import is_complete, open_volume, write_volume
 
 
 def _check(out: Path, data: np.ndarray, voxel_size: tuple, translation: tuple = (0.0, 0.0, 0.0)) -> None:

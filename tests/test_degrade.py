@@ -24,7 +24,8 @@ from d2r_dask.data.degrade import (
 )
 from d2r_dask.errors import InputError
 from d2r_dask.io.geometry import lr_transform
-from d2r_dask.io.volume import Geometry, as_dataarray, open_volume, write_volume
+from d2r_dask.io.geometry import Geometry
+from d2r_dask.io.volume import as_dataarray, open_volume, write_volume
 
 
 def _ref_degrade(a: np.ndarray, s: int, axis: int, mode: str) -> np.ndarray:

@@ -12,7 +12,7 @@ import pytest
 from conftest import assert_cli_ok
 from d2r_testkit import one_torch_thread  # noqa: F401  (autouse)
 
-from d2r_dask.blockwise import scheduler as engine
+from d2r_dask.blockwise import scheduler
 from d2r_dask.evaluation import evaluate as evaluate_mod
 from d2r_dask.stages import train as train_mod
 from d2r_dask.demo import QUICK_SHAPE
@@ -49,7 +49,7 @@ def test_quick_demo_runs_and_reruns_without_computing(tmp_path: Path, cli_run: C
         raise AssertionError("the rerun recomputed something")
 
     monkeypatch.setattr(train_mod, "fit", forbidden)
-    monkeypatch.setattr(engine, "run_group", forbidden)
+    monkeypatch.setattr(scheduler, "run_group", forbidden)
     monkeypatch.setattr(evaluate_mod, "evaluate", forbidden)
     t0 = time.monotonic()
     again = cli_run("demo", "--quick", "--serial", "--out", out)

@@ -21,21 +21,17 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pytest
 
-from d2r_dask.blockwise import scheduler as engine
-from d2r_dask.blockwise.scheduler import (
-    Layout,
-    apply_whole,
-    blend_weights,
-    read_reflected,
-    reflect_index,
-    run_blockwise,
-    worker_stats,
-)
+from d2r_dask.blockwise import jobstate, runtime, scheduler
+from d2r_dask.blockwise.layout import Layout, read_reflected, reflect_index
+from d2r_dask.blockwise.runtime import worker_stats
+from d2r_dask.blockwise.scheduler import run_blockwise
+from d2r_dask.blockwise.stitching import apply_whole, blend_weights
 from d2r_dask.errors import IncompleteVolumeError, InputError, ResumeMismatchError
 from d2r_dask.io.geometry import Box
 from d2r_dask.blockwise.processors import ModelSpec, load_processor
 from d2r_dask.evaluation.seams import seam_ratio
-from d2r_dask.io.volume import Geometry, open_reader, open_volume, output_array, write_volume
+from d2r_dask.io.geometry import Geometry
+from d2r_dask.io.volume import open_reader, open_volume, output_array, write_volume
 
 RF = (2, 2, 2)  # receptive field of the default conv3d test model (depth 2, kernel 3)
 SHAPE = (11, 13, 17)  # primes: no block shape below divides it
@@ -151,12 +147,12 @@ def test_planning_a_huge_job_is_lazy(tmp_path: Path) -> None:
     assert layout.n_blocks == 10**6 and layout.n_groups == -(-(10**6) // 7)
     assert layout.group_blocks(layout.n_groups - 1) == [(99, 99, 99)]
     assert layout.group_blocks(15) == [(0, 1, i) for i in range(5, 12)]
-    job = engine.Job("src", str(tmp_path / "o.zarr"), ModelSpec("noop"), layout, "uint8")
+    job = jobstate.Job("src", str(tmp_path / "o.zarr"), ModelSpec("noop"), layout, "uint8")
     (job.state_dir / "done").mkdir(parents=True)
     for gid in (3, 5, 99):
         job.marker("write", gid).touch()
     (job.state_dir / "done" / "tiles-4").touch()
-    assert engine._done_groups(job, "write") == {3, 5, 99}
+    assert jobstate.done_groups(job, "write") == {3, 5, 99}
     assert time.perf_counter() - t0 < 1.0
 
 
@@ -230,7 +226,7 @@ def test_every_output_chunk_written_once(tmp_path: Path, volume: tuple[Path, np.
                                          monkeypatch: pytest.MonkeyPatch, stitch: str, group: int) -> None:
     path, _ = volume
     counts: dict[tuple[int, ...], int] = {}
-    monkeypatch.setattr(engine, "output_array", lambda p: _ChunkSpy(output_array(p), counts))
+    monkeypatch.setattr(runtime, "output_array", lambda p: _ChunkSpy(output_array(p), counts))
     block, scale = (4, 5, 6), (3, 1, 1)
     out = run_blockwise(path, tmp_path / "o.zarr", conv(3), block=block, halo=RF, scale=scale, stitch=stitch,
                         group=group, context=RF if stitch == "blend" else (0, 0, 0), serial=True, progress=False)
@@ -323,7 +319,7 @@ class _Crash(Exception):
 def _count_groups(monkeypatch: pytest.MonkeyPatch, crash_after: int | None = None) -> list[int]:
     """Patch ``run_group`` to record group ids (and raise after ``crash_after`` of them)."""
     seen: list[int] = []
-    real = engine.run_group
+    real = scheduler.run_group
 
     def spy(job: Any, phase: str, gid: int) -> int:
         if crash_after is not None and len(seen) >= crash_after:
@@ -331,7 +327,7 @@ def _count_groups(monkeypatch: pytest.MonkeyPatch, crash_after: int | None = Non
         seen.append(gid)
         return real(job, phase, gid)
 
-    monkeypatch.setattr(engine, "run_group", spy)
+    monkeypatch.setattr(scheduler, "run_group", spy)
     return seen
 
 
@@ -392,16 +388,16 @@ def test_resume_refuses_a_different_job(tmp_path: Path, volume: tuple[Path, np.n
 
 _SLOW_JOB = """
 import sys, time
-from d2r_dask.blockwise import scheduler as engine
+from d2r_dask.blockwise import scheduler
 from d2r_dask.blockwise.processors import ModelSpec
 
-real = engine.run_group
+real = scheduler.run_group
 def slow(job, phase, gid):
     time.sleep(0.05)  # slows the run so the test can kill it midway; values are unchanged
     return real(job, phase, gid)
-engine.run_group = slow
-engine.run_blockwise(sys.argv[1], sys.argv[2], ModelSpec("conv3d", options={"scale_z": 2}), block=(3, 4, 4),
-                     halo=(2, 2, 2), scale=(2, 1, 1), serial=True, progress=False)
+scheduler.run_group = slow
+scheduler.run_blockwise(sys.argv[1], sys.argv[2], ModelSpec("conv3d", options={"scale_z": 2}), block=(3, 4, 4),
+                        halo=(2, 2, 2), scale=(2, 1, 1), serial=True, progress=False)
 """
 
 

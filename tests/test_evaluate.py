@@ -13,7 +13,7 @@ import pytest
 from conftest import assert_cli_error, assert_cli_ok
 from d2r_testkit import synth_array, write
 
-from d2r_dask.data.degrade import to_dtype
+from d2r_dask.io.volume import to_dtype
 from d2r_dask.errors import InputError
 from d2r_dask.evaluation.evaluate import evaluate
 from d2r_dask.evaluation.metrics import interpolate_z, psnr, ssim
@@ -96,7 +96,8 @@ def test_unaligned_or_disjoint_candidates_are_refused(gt: tuple[Path, np.ndarray
 def test_interpolation_baselines(mode: str, gt: tuple[Path, np.ndarray], tmp_path: Path) -> None:
     """The LR's z-interpolations, placed by the geometry rule, scored like stored results."""
     from d2r_dask.data.degrade import AxialDegradation, degrade_volume
-    from d2r_dask.io.volume import Geometry, open_volume, write_volume
+    from d2r_dask.io.geometry import Geometry
+    from d2r_dask.io.volume import open_volume, write_volume
 
     path, data = gt
     low = degrade_volume(open_volume(path), AxialDegradation(S, mode))

@@ -31,7 +31,7 @@ import yaml
 from conftest import assert_cli_error, assert_cli_ok
 from d2r_testkit import one_torch_thread, synth_array, write  # noqa: F401  (autouse fixture)
 
-from d2r_dask.blockwise import scheduler as engine
+from d2r_dask.blockwise import scheduler
 from d2r_dask.stages import train as train_mod
 from d2r_dask.errors import InputError, ResumeMismatchError
 from d2r_dask.stages.pipeline import (
@@ -161,7 +161,7 @@ def test_finished_run_reruns_without_computing(reference: dict[str, Any], lr: Pa
         raise AssertionError("a finished run computed something")
 
     monkeypatch.setattr(train_mod, "fit", forbidden)
-    monkeypatch.setattr(engine, "run_group", forbidden)
+    monkeypatch.setattr(scheduler, "run_group", forbidden)
     record = run(lr, reference["out"], tiny_config(), **RUN)
     assert {k: v["seconds"] for k, v in record["stages"].items()} == \
         {k: v["seconds"] for k, v in reference["record"]["stages"].items()}
@@ -174,7 +174,7 @@ import json, sys, time
 from pathlib import Path
 import torch
 torch.set_num_threads(1)  # as the test process: the same floating-point results
-from d2r_dask.blockwise import scheduler as engine
+from d2r_dask.blockwise import scheduler
 from d2r_dask.stages import pipeline
 from d2r_dask.stages import train
 from d2r_dask.stages.pipeline import RunConfig
@@ -193,14 +193,14 @@ if stage in ("restorer", "dgean"):
             pause()
     train.save_checkpoint = save
 else:
-    real_group = engine.run_group
+    real_group = scheduler.run_group
     target = "pseudo_hr.zarr" if stage == "pseudo_hr" else Path(out).name
     def group(job, phase, gid):
         n = real_group(job, phase, gid)
         if Path(job.output).name == target:
             pause()
         return n
-    engine.run_group = group
+    scheduler.run_group = group
 pipeline.run(lr, out, RunConfig.from_dict(json.loads(config)), serial=True, progress=False, levels=1)
 """
 
@@ -264,7 +264,7 @@ def resume_and_check(lr: Path, out: Path, cfg: RunConfig, stage: str, reference:
 
     fits: list[dict[str, Any]] = []
     groups: Counter[str] = Counter()
-    real_fit, real_group = train_mod.fit, engine.run_group
+    real_fit, real_group = train_mod.fit, scheduler.run_group
 
     def spy_fit(*args: Any, **kw: Any) -> dict[str, Any]:
         summary = real_fit(*args, **kw)
@@ -276,7 +276,7 @@ def resume_and_check(lr: Path, out: Path, cfg: RunConfig, stage: str, reference:
         return real_group(job, phase, gid)
 
     monkeypatch.setattr(train_mod, "fit", spy_fit)
-    monkeypatch.setattr(engine, "run_group", spy_group)
+    monkeypatch.setattr(scheduler, "run_group", spy_group)
     record = run(lr, out, cfg, **RUN)
 
     assert record["finished"] is True

@@ -21,12 +21,13 @@ from d2r_testkit import (
     write,
 )
 
-from d2r_dask.blockwise.scheduler import apply_whole
+from d2r_dask.blockwise.stitching import apply_whole
 from d2r_dask.io.geometry import Box
 from d2r_dask.stages.infer import DGEANProcessor, infer
 from d2r_dask.models.dgean import receptive_field
-from d2r_dask.stages.restore import restore, sr_geometry
-from d2r_dask.stages.train import load_dgean
+from d2r_dask.io.geometry import sr_geometry
+from d2r_dask.stages.restore import restore
+from d2r_dask.models.checkpoint import load_dgean
 from d2r_dask.io.volume import open_volume
 
 VOXEL = (40.0, 5.0, 5.0)
@@ -121,7 +122,8 @@ def test_stage4_mean_mode_geometry_and_integer_output(tmp_path: Path, dgean_mode
 
 
 def test_sr_geometry_matches_the_rule() -> None:
-    from d2r_dask.io.volume import Geometry, as_dataarray
+    from d2r_dask.io.geometry import Geometry
+    from d2r_dask.io.volume import as_dataarray
 
     lr = as_dataarray(np.zeros((6, 8, 8), np.uint8), Geometry(VOXEL, ORIGIN))
     for mode in ("decimate", "mean"):
@@ -194,21 +196,21 @@ def test_stage4_resumes_after_a_kill_while_writing_the_pyramid(tmp_path: Path, m
                                                                dgean_models: dict[str, Path]) -> None:
     import zarr
 
-    from d2r_dask.blockwise import scheduler as engine
+    from d2r_dask.blockwise import scheduler
 
     data = (synth_array((2, 64, 64), seed=14) / 255.0).astype(np.float32)
     lr = write(tmp_path / "lr.zarr", data, (40.0, 5.0, 5.0), chunks=(2, 32, 32))
     kw: dict[str, Any] = {"block": (2, 64, 64), "serial": True, "progress": False, "levels": 2}
-    real_finalize = engine.finalize_volume
+    real_finalize = scheduler.finalize_volume
 
     def killed_mid_pyramid(path: Any, **_: Any) -> None:  # level 1 created, then the process dies
         zarr.open_group(str(path), mode="r+").create_array("1", shape=(8, 32, 32), chunks=(8, 32, 32),
                                                           dtype="float32")
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(engine, "finalize_volume", killed_mid_pyramid)
+    monkeypatch.setattr(scheduler, "finalize_volume", killed_mid_pyramid)
     with pytest.raises(KeyboardInterrupt):
         infer(lr, tmp_path / "sr.zarr", dgean_models["decimate"], **kw)
-    monkeypatch.setattr(engine, "finalize_volume", real_finalize)
+    monkeypatch.setattr(scheduler, "finalize_volume", real_finalize)
     out = infer(lr, tmp_path / "sr.zarr", dgean_models["decimate"], **kw)
     assert open_volume(out).shape == (8, 64, 64)

@@ -35,7 +35,8 @@ from d2r_dask.models.checkpoint import CONFIG, TRAIN_STATE, WEIGHTS, read_config
 from d2r_dask.data.degrade import degrade_along, upsample_axis
 from d2r_dask.errors import CheckpointError, InputError, OutputExistsError
 from d2r_dask.data.patches import PatchSource, axial_pair, lateral_pair, step_rng
-from d2r_dask.stages.train import load_dgean, load_restorer, train_dgean, train_restorer
+from d2r_dask.models.checkpoint import load_dgean, load_restorer
+from d2r_dask.stages.train import train_dgean, train_restorer
 
 KINDS = ("restorer", "dgean")
 VAL_COLUMNS = {"restorer": ("val_psnr", "val_ssim"), "dgean": ("val_psnr", "val_ssim_xz")}

@@ -27,9 +27,9 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import numpy as np
 
 from ..errors import InputError
+from ..io.geometry import Triple
 
 log = logging.getLogger(__name__)
-Triple = tuple[int, int, int]
 
 
 @dataclass(frozen=True)

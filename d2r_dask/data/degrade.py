@@ -22,8 +22,9 @@ from scipy.ndimage import gaussian_filter1d
 
 from ..errors import InputError
 from ..io.geometry import check_factor, check_mode, degraded_length, hr_to_lr_coord, lr_transform
+from ..io.geometry import Geometry
+from ..io.volume import as_dataarray
 from .noise import keyed_normal
-from ..io.volume import Geometry, as_dataarray
 
 Method = Literal["nearest", "linear", "cubic"]
 METHODS = ("nearest", "linear", "cubic")
@@ -121,15 +122,6 @@ def upsample_axis(
     w = interp_weights(n, factor, mode, method, length or n * factor)
     out = np.tensordot(w, np.moveaxis(arr, axis, 0).astype(np.float32), axes=(1, 0))
     return np.moveaxis(out, 0, axis)
-
-
-def to_dtype(arr: np.ndarray, dtype: Any) -> np.ndarray:
-    """Cast float data to ``dtype``: integers are rounded and clipped to their range."""
-    dtype = np.dtype(dtype)
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        return np.clip(np.rint(arr), info.min, info.max).astype(dtype)
-    return arr.astype(dtype)
 
 
 # --- acquisition-like degradation of a whole volume ------------------------------------

@@ -14,45 +14,14 @@ would. Pair construction is pure numpy, testable without any store:
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from .degrade import degrade_along, upsample_axis
 from ..errors import InputError
 from ..io.volume import open_volume
-
-
-@dataclass(frozen=True)
-class Intensity:
-    """Linear map of stored intensities to the unit range the networks see."""
-
-    low: float
-    high: float
-
-    def __post_init__(self) -> None:
-        if not self.high > self.low:
-            raise InputError(f"intensity range [{self.low}, {self.high}] is empty; is the volume constant?")
-
-    @classmethod
-    def for_volume(cls, data: Any, dtype: np.dtype) -> Intensity:
-        """Integer volumes use their dtype's range; float ones the 0.1/99.9 percentiles of a sample."""
-        if np.issubdtype(dtype, np.integer):
-            return cls(0.0, float(np.iinfo(dtype).max))
-        n = data.shape[0]
-        picks = np.unique(np.linspace(0, n - 1, min(n, 8)).round().astype(int))
-        sample = np.asarray(data[picks].compute(scheduler="synchronous"), dtype=np.float64)
-        return cls(float(np.percentile(sample, 0.1)), float(np.percentile(sample, 99.9)))
-
-    def to_unit(self, x: np.ndarray) -> np.ndarray:
-        return ((np.asarray(x, dtype=np.float32) - self.low) / (self.high - self.low)).astype(np.float32)
-
-    def from_unit(self, x: np.ndarray) -> np.ndarray:
-        return (np.asarray(x, dtype=np.float32) * (self.high - self.low) + self.low).astype(np.float32)
-
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+from .degrade import degrade_along, upsample_axis
+from .intensity import Intensity
 
 
 def step_rng(seed: int, step: int, stream: int = 0) -> np.random.Generator:

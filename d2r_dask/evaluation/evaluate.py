@@ -19,11 +19,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..data.degrade import to_dtype
 from ..errors import InputError
-from ..io.geometry import Box, check_factor, check_mode, sr_transform
+from ..io.geometry import Box, central_crop, check_factor, check_mode, sr_transform
+from ..io.geometry import Geometry
+from ..io.volume import d2r_metadata, open_volume, to_dtype
 from .metrics import SSIM_WIN, MetricAccumulator, boundary_agreement, boundary_map, interpolate_z
-from ..io.volume import Geometry, d2r_metadata, open_volume
 
 log = logging.getLogger(__name__)
 INTERPOLATIONS = ("nearest", "linear", "cubic")
@@ -165,10 +165,3 @@ def _score(reader: Any, gt: Any, gt_box: Box, data_range: float, slab: int) -> d
         "boundary_dice": boundary_agreement(boundary_map(pred_c), boundary_map(gt_c)),
         "frc_xz": rep.frc.to_dict(),
     }
-
-
-def central_crop(box: Box, size: Sequence[int]) -> Box:
-    """A box of at most ``size`` at the centre of ``box``."""
-    sz = [min(n, m) for n, m in zip(box.shape, size)]
-    start = tuple(a + (n - s) // 2 for a, n, s in zip(box.start, box.shape, sz))
-    return Box(start, tuple(a + s for a, s in zip(start, sz)))

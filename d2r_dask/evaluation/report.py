@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from ..io.geometry import Box
+from ..io.files import write_text
+from ..io.geometry import Box, central_crop
 
 ORDER = ("nearest", "linear", "cubic", "pseudo_hr", "sr", "supervised")
 
@@ -27,10 +27,9 @@ def _ordered(names: list[str]) -> list[str]:
 def write_report(out_dir: Path, summary: Mapping[str, Any], gt: Any, sources: Mapping[str, tuple[Any, Box]],
                  *, make_figures: bool = True) -> Path:
     """Write ``metrics.json``, ``panels.png``, ``frc.png`` and ``report.md`` into ``out_dir``."""
-    from .evaluate import central_crop
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_text(out_dir / "metrics.json", json.dumps(summary, indent=2, default=float))
+    write_text(out_dir / "metrics.json", json.dumps(summary, indent=2, default=float))
     names = _ordered(list(sources))
     figures = []
     if make_figures:
@@ -90,11 +89,5 @@ def write_report(out_dir: Path, summary: Mapping[str, Any], gt: Any, sources: Ma
         lines += ["", f"## {caption}", "", f"![{caption}]({fname})"]
     lines += ["", "Metrics are computed blockwise (y-slabs); the full numbers and FRC curves are in `metrics.json`.", ""]
     path = out_dir / "report.md"
-    _atomic_text(path, "\n".join(lines))
+    write_text(path, "\n".join(lines))
     return path
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

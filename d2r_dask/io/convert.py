@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from ..data.degrade import check_finite
 from ..errors import D2RError, InputError
-from .volume import Geometry, check_dtype, create_volume, default_chunks, finalize_volume, open_volume
+from .geometry import Geometry
+from .volume import check_dtype, create_volume, default_chunks, finalize_volume, open_volume
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from itertools import product
-from typing import Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 
@@ -173,3 +173,41 @@ def iter_blocks(shape: Sequence[int], block: Sequence[int]) -> Iterator[tuple[tu
         start = tuple(i * b for i, b in zip(index, block))
         stop = tuple(min(a + b, n) for a, b, n in zip(start, block, shape))
         yield index, Box(start, stop)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Physical placement of a volume: voxel size and origin, both in nm, ``(z, y, x)``."""
+
+    voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    translation: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def __post_init__(self) -> None:
+        vs = tuple(float(v) for v in self.voxel_size)
+        tr = tuple(float(v) for v in self.translation)
+        if len(vs) != 3 or len(tr) != 3:
+            raise InputError("voxel size and translation need three values (z, y, x)")
+        if not all(np.isfinite(vs)) or min(vs) <= 0:
+            raise InputError(f"voxel size must be positive and finite, got {vs}")
+        object.__setattr__(self, "voxel_size", vs)
+        object.__setattr__(self, "translation", tr)
+
+    @classmethod
+    def of(cls, arr: Any) -> Geometry:
+        """The geometry stored in a DataArray opened by :func:`open_volume`."""
+        return cls(tuple(arr.attrs["voxel_size"]), tuple(arr.attrs["translation"]))
+
+
+def sr_geometry(lr: Any, factor: int, mode: str, roi: Box | None = None) -> Geometry:
+    """The SR volume's geometry for an LR volume (or its ``roi``), per D2R's geometry rules."""
+    g = Geometry.of(lr)
+    start = roi.start if roi is not None else (0, 0, 0)
+    translation = tuple(t + a * v for t, a, v in zip(g.translation, start, g.voxel_size))
+    return Geometry(*sr_transform(g.voxel_size, translation, factor, mode))
+
+
+def central_crop(box: Box, size: Sequence[int]) -> Box:
+    """A box of at most ``size`` at the centre of ``box``."""
+    sz = [min(n, m) for n, m in zip(box.shape, size)]
+    start = tuple(a + (n - s) // 2 for a, n, s in zip(box.start, box.shape, sz))
+    return Box(start, tuple(a + s for a, s in zip(start, sz)))

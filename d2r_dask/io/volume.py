@@ -31,6 +31,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 
 from .. import __version__
 from ..errors import IncompleteVolumeError, InputError, OutputExistsError
+from .geometry import Geometry
 
 log = logging.getLogger(__name__)
 
@@ -46,30 +47,16 @@ _UNIT_TO_NM = {
 }
 
 
-@dataclass(frozen=True)
-class Geometry:
-    """Physical placement of a volume: voxel size and origin, both in nm, ``(z, y, x)``."""
-
-    voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    translation: tuple[float, float, float] = (0.0, 0.0, 0.0)
-
-    def __post_init__(self) -> None:
-        vs = tuple(float(v) for v in self.voxel_size)
-        tr = tuple(float(v) for v in self.translation)
-        if len(vs) != 3 or len(tr) != 3:
-            raise InputError("voxel size and translation need three values (z, y, x)")
-        if not all(np.isfinite(vs)) or min(vs) <= 0:
-            raise InputError(f"voxel size must be positive and finite, got {vs}")
-        object.__setattr__(self, "voxel_size", vs)
-        object.__setattr__(self, "translation", tr)
-
-    @classmethod
-    def of(cls, arr: xr.DataArray) -> Geometry:
-        """The geometry stored in a DataArray opened by :func:`open_volume`."""
-        return cls(tuple(arr.attrs["voxel_size"]), tuple(arr.attrs["translation"]))
-
-
 # --- reading ---------------------------------------------------------------------------
+
+
+def to_dtype(arr: np.ndarray, dtype: Any) -> np.ndarray:
+    """Cast float data to ``dtype``: integers are rounded and clipped to their range."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(arr), info.min, info.max).astype(dtype)
+    return arr.astype(dtype)
 
 
 def check_dtype(dtype: Any, what: str = "volume") -> np.dtype:

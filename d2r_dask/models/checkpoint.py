@@ -20,19 +20,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..data.intensity import Intensity
 from ..errors import CheckpointError
+from ..io.files import atomic_write
+from ..io.geometry import check_factor, check_mode
 
 log = logging.getLogger(__name__)
 
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
 TRAIN_STATE = "train_state.pt"
-
-
-def _atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def save_checkpoint(
@@ -49,9 +46,9 @@ def save_checkpoint(
         raise ValueError("checkpoint config needs a 'kind'")
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
     if train_state is not None:
-        _atomic(directory / TRAIN_STATE, lambda p: torch.save(dict(train_state), p))
-    _atomic(directory / WEIGHTS, lambda p: save_file(tensors, str(p)))
-    _atomic(directory / CONFIG, lambda p: p.write_text(json.dumps(dict(config), indent=2, default=str)))
+        atomic_write(directory / TRAIN_STATE, lambda p: torch.save(dict(train_state), p))
+    atomic_write(directory / WEIGHTS, lambda p: save_file(tensors, str(p)))
+    atomic_write(directory / CONFIG, lambda p: p.write_text(json.dumps(dict(config), indent=2, default=str)))
     return directory
 
 
@@ -108,3 +105,52 @@ def read_train_state(directory: str | os.PathLike) -> dict[str, Any] | None:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise CheckpointError(f"{path} is corrupt ({exc}); delete it to restart training from scratch") from exc
+
+
+# --- the two model families' checkpoints ------------------------------------------------
+
+
+def read_restorer_config(directory: str | os.PathLike) -> tuple[Any, Any, dict[str, Any]]:
+    """``(NAFNetConfig, SDEConfig, config)`` of a Stage I checkpoint, checked (CheckpointError)."""
+    from .nafnet import NAFNetConfig
+    from .sde import SDEConfig
+
+    config = read_config(directory, "restorer")
+    try:
+        parsed = NAFNetConfig.from_dict(config["model"]), SDEConfig.from_dict(config["sde"])
+        check_factor(int(config["factor"]))
+        check_mode(config["mode"])
+        Intensity(**config["intensity"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{directory}/config.json does not describe a restorer ({exc})") from exc
+    return (*parsed, config)
+
+
+def load_restorer(directory: str | os.PathLike) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """``(network, IRSDE, config)`` of a Stage I checkpoint, network in eval mode on the CPU."""
+    from .nafnet import ConditionalNAFNet
+    from .sde import IRSDE
+
+    net_cfg, sde_cfg, config = read_restorer_config(directory)
+    return load_into(ConditionalNAFNet(net_cfg), directory).eval(), IRSDE(sde_cfg), config
+
+
+def read_dgean_config(directory: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
+    """``(DGEANConfig, config)`` of a Stage III checkpoint, checked (CheckpointError)."""
+    from .dgean import DGEANConfig
+
+    config = read_config(directory, "dgean")
+    try:
+        cfg = DGEANConfig.from_dict(config["model"])
+        Intensity(**config["intensity"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{directory}/config.json does not describe a DGEAN ({exc})") from exc
+    return cfg, config
+
+
+def load_dgean(directory: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """``(network, config)`` of a Stage III checkpoint, in eval mode on the CPU."""
+    from .dgean import DGEAN
+
+    cfg, config = read_dgean_config(directory)
+    return load_into(DGEAN(cfg), directory).eval(), config

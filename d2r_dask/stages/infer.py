@@ -15,16 +15,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..blockwise.scheduler import run_blockwise
-from ..errors import InputError
-from ..io.geometry import Box
-from ..data.patches import Intensity
 from ..blockwise.processors import ModelSpec, register
-from .restore import sr_geometry
+from ..blockwise.scheduler import run_blockwise
+from ..data.intensity import Intensity
+from ..errors import InputError
+from ..io.geometry import Box, Triple, sr_geometry
 from ..io.volume import open_volume
 
 log = logging.getLogger(__name__)
-Triple = tuple[int, int, int]
 
 
 class DGEANProcessor:
@@ -33,7 +31,7 @@ class DGEANProcessor:
     def __init__(self, directory: str, device: str, *, tta: bool = False, compile: bool = False,
                  bf16: bool | None = None) -> None:
         from ..models.dgean import receptive_field, tta_forward
-        from .train import load_dgean
+        from ..models.checkpoint import load_dgean
 
         net, config = load_dgean(directory)
         self.device = torch.device(device)
@@ -86,7 +84,7 @@ def infer(
     Restarting with the same arguments resumes at the first unfinished chunk.
     """
     from ..models.dgean import receptive_field
-    from .train import read_dgean_config
+    from ..models.checkpoint import read_dgean_config
 
     cfg, _ = read_dgean_config(model)
     halo = receptive_field(cfg)

@@ -309,7 +309,8 @@ def run(
     """Run Stages I-IV (resuming where a previous run stopped); return the run record."""
     from .infer import infer
     from .restore import restore
-    from .train import DGEANTrainConfig, RestorerConfig, TrainConfig, train_dgean, train_restorer, write_json
+    from .train import DGEANTrainConfig, RestorerConfig, TrainConfig, train_dgean, train_restorer
+    from ..io.files import write_json
 
     paths = Paths(Path(lr_path), Path(output), Path(workdir) if workdir else default_workdir(output))
     lr = open_volume(paths.lr)  # fails early, with a clear message, on a bad input

@@ -19,17 +19,16 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..data.degrade import upsample_axis
-from ..blockwise.scheduler import run_blockwise
-from ..errors import InputError
-from ..io.geometry import Box, sr_transform
-from ..data.noise import keyed_normal
-from ..data.patches import Intensity
 from ..blockwise.processors import ModelSpec, register
-from ..io.volume import Geometry, open_volume
+from ..blockwise.scheduler import run_blockwise
+from ..data.degrade import upsample_axis
+from ..data.intensity import Intensity
+from ..data.noise import keyed_normal
+from ..errors import InputError
+from ..io.geometry import Box, Triple, sr_geometry
+from ..io.volume import open_volume
 
 log = logging.getLogger(__name__)
-Triple = tuple[int, int, int]
 
 
 class RestorerProcessor:
@@ -38,7 +37,7 @@ class RestorerProcessor:
     def __init__(self, directory: str, device: str, *, sampler: str | None = None, steps: int | None = None,
                  seed: int = 0, batch: int = 64, orientations: Sequence[str] = ("xz", "yz"),
                  compile: bool = False) -> None:
-        from .train import load_restorer
+        from ..models.checkpoint import load_restorer
 
         net, self.sde, config = load_restorer(directory)
         self.device = torch.device(device)
@@ -110,14 +109,6 @@ def _load_restorer(spec: ModelSpec, device: str) -> RestorerProcessor:
     return RestorerProcessor(spec.path, device, **spec.options)
 
 
-def sr_geometry(lr: Any, factor: int, mode: str, roi: Box | None = None) -> Geometry:
-    """The SR volume's geometry for an LR volume (or its ``roi``), per D2R's geometry rules."""
-    g = Geometry.of(lr)
-    start = roi.start if roi is not None else (0, 0, 0)
-    translation = tuple(t + a * v for t, a, v in zip(g.translation, start, g.voxel_size))
-    return Geometry(*sr_transform(g.voxel_size, translation, factor, mode))
-
-
 def restore(
     lr_path: str | os.PathLike,
     output: str | os.PathLike,
@@ -142,7 +133,7 @@ def restore(
     Tiles of ``block`` LR voxels overlap by ``2 * overlap`` and are blended. Restarting
     with the same arguments resumes.
     """
-    from .train import read_restorer_config
+    from ..models.checkpoint import read_restorer_config
 
     *_, config = read_restorer_config(model)
     factor, mode = int(config["factor"]), str(config["mode"])

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 import logging
 import math
 import os
@@ -28,10 +27,12 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..models.checkpoint import TRAIN_STATE, load_into, read_config, read_train_state, save_checkpoint
+from ..data.intensity import Intensity
+from ..data.patches import PatchSource, axial_pair, lateral_pair, step_rng
 from ..errors import CheckpointError, InputError, OutputExistsError
+from ..io.files import atomic_write
 from ..io.geometry import check_factor, check_mode
-from ..data.patches import Intensity, PatchSource, axial_pair, lateral_pair, step_rng
+from ..models.checkpoint import TRAIN_STATE, read_config, read_train_state, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -315,31 +316,6 @@ def train_restorer(
                overwrite=overwrite, progress=progress)
 
 
-def read_restorer_config(directory: str | os.PathLike) -> tuple[Any, Any, dict[str, Any]]:
-    """``(NAFNetConfig, SDEConfig, config)`` of a Stage I checkpoint, checked (CheckpointError)."""
-    from ..models.nafnet import NAFNetConfig
-    from ..models.sde import SDEConfig
-
-    config = read_config(directory, "restorer")
-    try:
-        parsed = NAFNetConfig.from_dict(config["model"]), SDEConfig.from_dict(config["sde"])
-        check_factor(int(config["factor"]))
-        check_mode(config["mode"])
-        Intensity(**config["intensity"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{directory}/config.json does not describe a restorer ({exc})") from exc
-    return (*parsed, config)
-
-
-def load_restorer(directory: str | os.PathLike) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
-    """``(network, IRSDE, config)`` of a Stage I checkpoint, network in eval mode on the CPU."""
-    from ..models.nafnet import ConditionalNAFNet
-    from ..models.sde import IRSDE
-
-    net_cfg, sde_cfg, config = read_restorer_config(directory)
-    return load_into(ConditionalNAFNet(net_cfg), directory).eval(), IRSDE(sde_cfg), config
-
-
 # --- Stage III: DGEAN -------------------------------------------------------------------
 
 
@@ -448,27 +424,6 @@ def train_dgean(
                overwrite=overwrite, progress=progress)
 
 
-def read_dgean_config(directory: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
-    """``(DGEANConfig, config)`` of a Stage III checkpoint, checked (CheckpointError)."""
-    from ..models.dgean import DGEANConfig
-
-    config = read_config(directory, "dgean")
-    try:
-        cfg = DGEANConfig.from_dict(config["model"])
-        Intensity(**config["intensity"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{directory}/config.json does not describe a DGEAN ({exc})") from exc
-    return cfg, config
-
-
-def load_dgean(directory: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """``(network, config)`` of a Stage III checkpoint, in eval mode on the CPU."""
-    from ..models.dgean import DGEAN
-
-    cfg, config = read_dgean_config(directory)
-    return load_into(DGEAN(cfg), directory).eval(), config
-
-
 def _save_panels(path: Path, rows: list[np.ndarray], titles: list[str]) -> None:
     """A PNG grid: one column per entry of ``rows`` (each ``(n, h, w)``), one row per patch."""
     from matplotlib.figure import Figure  # no pyplot: never touches the caller's backend
@@ -482,14 +437,4 @@ def _save_panels(path: Path, rows: list[np.ndarray], titles: list[str]) -> None:
             axes[i, j].set_axis_off()
         axes[0, j].set_title(title, fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
-
-
-def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
-    """Write JSON atomically (run records, benchmark results)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))

@@ -1,0 +1,145 @@
+"""Layout: the pure geometry of a blockwise job (after daisy's vocabulary).
+
+The input region ``roi`` is cut into ``block`` s on a fixed grid from the ROI's origin
+(block ids are grid positions, stable across runs, so they can name done-markers); a
+block's *write box* is the part of the output it owns, its *read box* is the full-size
+block grown by the ``halo`` (and, in blend mode, the ``context``). Read boxes reaching
+outside the volume are filled by reflection, exactly like ``np.pad(mode="reflect")`` of
+the whole volume, so blockwise and whole-volume results agree::
+
+        halo   block (write box)   halo
+      |<---->|<------------------>|<---->|        read box = block + 2 * halo
+              ^ output chunk = write box * scale (one task writes it, once)
+
+Tasks are runs of ``group`` consecutive blocks in C order (``group_blocks``). Nothing
+here reads or writes a store.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from ..errors import InputError
+from ..io.geometry import Box, Triple, grid_shape, iter_blocks
+
+STITCH_MODES = ("crop", "blend")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Blocks over an input region. Sizes in input voxels; ``scale`` is output/input per axis."""
+
+    roi: Box
+    block: Triple
+    halo: Triple
+    scale: Triple = (1, 1, 1)
+    stitch: str = "crop"
+    group: int = 1
+    context: Triple = (0, 0, 0)
+
+    def __post_init__(self) -> None:
+        for name in ("block", "halo", "scale", "context"):
+            value = tuple(int(v) for v in getattr(self, name))
+            if len(value) != 3:
+                raise InputError(f"{name} needs three values (z, y, x), got {value}")
+            object.__setattr__(self, name, value)
+        if min(self.block) < 1 or min(self.scale) < 1 or min(self.halo) < 0 or min(self.context) < 0:
+            raise InputError(f"block {self.block} and scale {self.scale} must be >= 1, halo {self.halo} >= 0")
+        if self.stitch not in STITCH_MODES:
+            raise InputError(f"unknown stitch mode {self.stitch!r}; use crop or blend")
+        if self.group < 1:
+            raise InputError("blocks per task (group) must be >= 1")
+        if min(self.roi.shape) < 1:
+            raise InputError(f"region {self.roi} is empty")
+        if self.stitch == "blend":
+            for ax, b, h, n in zip("zyx", self.block, self.halo, self.roi.shape):
+                if h and n > b and b < 2 * h:
+                    raise InputError(
+                        f"blend mode needs blocks at least twice the halo: block {ax}={b} < 2 x {h}; "
+                        f"use a block of >= {2 * h} along {ax} or a smaller overlap"
+                    )
+
+    @property
+    def shape(self) -> Triple:
+        return self.roi.shape  # type: ignore[return-value]
+
+    @property
+    def out_shape(self) -> Triple:
+        return tuple(n * s for n, s in zip(self.shape, self.scale))  # type: ignore[return-value]
+
+    @property
+    def out_block(self) -> Triple:
+        return tuple(b * s for b, s in zip(self.block, self.scale))  # type: ignore[return-value]
+
+    @property
+    def grid(self) -> Triple:
+        return grid_shape(self.shape, self.block)  # type: ignore[return-value]
+
+    @property
+    def n_blocks(self) -> int:
+        return math.prod(self.grid)
+
+    def blocks(self) -> Iterator[tuple[Triple, Box]]:
+        """``(index, write box)`` per block, ROI-relative input coordinates, C order."""
+        return iter_blocks(self.shape, self.block)  # type: ignore[return-value]
+
+    def read_box(self, index: Sequence[int]) -> Box:
+        """The full-size block at ``index`` grown by halo and context (ROI-relative; may leave the ROI)."""
+        start = tuple(i * b for i, b in zip(index, self.block))
+        margin = tuple(h + c for h, c in zip(self.halo, self.context))
+        return Box(start, tuple(a + b for a, b in zip(start, self.block))).grow(margin)
+
+    @property
+    def n_groups(self) -> int:
+        """Tasks per phase: runs of ``group`` consecutive blocks (C order)."""
+        return -(-self.n_blocks // self.group)
+
+    def group_size(self, group_id: int) -> int:
+        """Blocks in task ``group_id`` (``group``, fewer for the last)."""
+        return max(0, min(self.group, self.n_blocks - group_id * self.group))
+
+    def group_blocks(self, group_id: int) -> list[Triple]:
+        """Grid indices of the blocks of task ``group_id``, computed on demand, so a job of
+        10^7 blocks never holds a list of them."""
+        if not 0 <= group_id < self.n_groups:
+            raise IndexError(f"group {group_id} outside 0..{self.n_groups - 1}")
+        flat = range(group_id * self.group, min((group_id + 1) * self.group, self.n_blocks))
+        return [tuple(int(v) for v in np.unravel_index(i, self.grid)) for i in flat]  # type: ignore[misc]
+
+    def write_box(self, index: Sequence[int]) -> Box:
+        """The output voxels the block at ``index`` owns (output units, ROI-relative)."""
+        start = tuple(i * b for i, b in zip(index, self.out_block))
+        return Box(start, tuple(a + b for a, b in zip(start, self.out_block))).clip(self.out_shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["roi"] = {"start": list(self.roi.start), "stop": list(self.roi.stop)}
+        return d
+
+
+def reflect_index(idx: np.ndarray, n: int) -> np.ndarray:
+    """Map indices outside ``[0, n)`` inside by mirror reflection (``np.pad`` ``reflect``)."""
+    if n == 1:
+        return np.zeros_like(idx)
+    period = 2 * (n - 1)
+    idx = np.mod(idx, period)
+    return np.where(idx >= n, period - idx, idx)
+
+
+def read_reflected(read: Any, volume_shape: Sequence[int], box: Box) -> np.ndarray:
+    """Read ``box`` (global coordinates) from a volume, reflecting outside its bounds.
+
+    ``read(slices)`` returns the array inside the volume; only the bounding box of
+    the needed voxels is read.
+    """
+    idx = [reflect_index(np.arange(a, b), n) for a, b, n in zip(box.start, box.stop, volume_shape)]
+    lo = [int(i.min()) for i in idx]
+    hi = [int(i.max()) + 1 for i in idx]
+    data = np.asarray(read(tuple(slice(a, b) for a, b in zip(lo, hi))))
+    if all(a >= 0 and b <= n for a, b, n in zip(box.start, box.stop, volume_shape)):
+        return data  # inside the volume: nothing to reflect
+    return data[np.ix_(*(i - a for i, a in zip(idx, lo)))]
