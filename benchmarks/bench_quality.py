@@ -146,13 +146,13 @@ def run_factor(args: argparse.Namespace, s: int, gt: Path, work: Path, out: Path
     roi = Box((0, y0, x0), (lr_shape[0], y0 + r, x0 + r))
     pseudo = wd / "pseudo_hr.zarr"
     if not (pseudo.exists() and is_complete(pseudo)):
-        # one tile covers the whole ROI depth (no z seams); xy overlap only at the ROI border
+        # one tile covers the whole ROI depth (no z seams); an xy halo only at the ROI border
         block = (lr_shape[0], r, r)
         timed("stage2_restore", lambda: restore(lr, pseudo, restorer, roi=roi, block=block,
-                                                overlap=(0, args.overlap_xy, args.overlap_xy), batch=args.batch2,
+                                                halo=(0, args.halo_xy, args.halo_xy), slice_batch=args.slice_batch,
                                                 serial=True, overwrite=True, progress=args.progress))
     record["stage2"] = {"roi_lr": [list(roi.start), list(roi.stop)], "block": [lr_shape[0], r, r],
-                        "overlap": [0, args.overlap_xy, args.overlap_xy], "sampler": rcfg.sampler,
+                        "halo": [0, args.halo_xy, args.halo_xy], "sampler": rcfg.sampler,
                         "sampler_steps": rcfg.sampler_steps, "network_evaluations_per_slice": rcfg.sampler_steps,
                         "orientations": ["xz", "yz"], "engine": "serial (one process)"}
 
@@ -318,8 +318,8 @@ def main() -> None:
     p.add_argument("--presets", nargs=2, default=["tiny", "tiny"], metavar=("RESTORER", "DGEAN"),
                    help="network presets of the restorer and of DGEAN")
     p.add_argument("--roi-xy", type=int, default=64, help="Stage II ROI: all LR slices x the central N^2 (LR voxels)")
-    p.add_argument("--overlap-xy", type=int, default=8, help="Stage II context read around the ROI in x/y")
-    p.add_argument("--batch2", type=int, default=64, help="Stage II slices per network batch")
+    p.add_argument("--halo-xy", type=int, default=8, help="Stage II halo read around the ROI in x/y")
+    p.add_argument("--slice-batch", type=int, default=64, help="Stage II slices per forward pass")
     p.add_argument("--infer-block", type=int, nargs=3, default=[16, 128, 128])
     p.add_argument("--split", type=int, default=0, help="supervised training on GT z < split (default: half)")
     p.add_argument("--seed", type=int, default=0)

@@ -58,7 +58,7 @@ def main() -> None:
     from d2r_dask.io.volume import open_volume
 
     lr, gt = open_volume(args.lr), open_volume(args.gt)
-    proc = RestorerProcessor(str(args.model), "cpu", seed=args.seed, batch=args.batch)
+    proc = RestorerProcessor(str(args.model), "cpu", seed=args.seed, slice_batch=args.batch)
     s = proc.factor
     nz, ny, nx = lr.shape
     w = min(args.width, nx)

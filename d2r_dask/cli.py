@@ -245,6 +245,14 @@ def train_dgean_cmd(hr_volume: Path, factor: int, out: Path, mode: str, preset: 
     click.echo(f"DGEAN saved to {out} ({summary['steps']} steps, {summary['seconds']:.0f} s)")
 
 
+def _deprecated_option(old: str, new: str, old_value: Any, value: Any) -> Any:
+    """``old_value`` if the deprecated option ``old`` was given (with a note on stderr), else ``value``."""
+    if old_value is None:
+        return value
+    click.echo(f"d2r: {old} is deprecated and will be removed; use {new}", err=True)
+    return old_value
+
+
 def _roi(roi: tuple[int, ...] | None) -> Any:
     from .io.geometry import Box
 
@@ -261,27 +269,32 @@ roi_option = click.option("--roi", nargs=6, type=int, default=None, metavar="Z0 
 @click.option("--model", type=click.Path(path_type=Path), required=True, help="Stage I checkpoint folder.")
 @roi_option
 @click.option("--block", nargs=3, type=int, default=(16, 64, 64), metavar="Z Y X", help="LR tile shape.")
-@click.option("--overlap", nargs=3, type=int, default=(4, 16, 16), metavar="Z Y X",
-              help="Blend width per side between tiles.")
+@click.option("--halo", nargs=3, type=int, default=(4, 16, 16), metavar="Z Y X",
+              help="LR voxels each tile reads beyond its block; tiles are blended over twice this.")
+@click.option("--overlap", nargs=3, type=int, default=None, hidden=True, help="Deprecated name of --halo.")
 @click.option("--sampler", type=click.Choice(["sde", "ddim", "posterior"]), default=None,
               help="Override the model's sampler.")
 @click.option("--steps", type=int, default=None, help="Override the sampler's network evaluations.")
 @click.option("--seed", type=int, default=0)
-@click.option("--batch", type=int, default=64, help="Slices per network batch.")
+@click.option("--slice-batch", type=int, default=64, help="Slices per forward pass of the restorer.")
+@click.option("--batch", type=int, default=None, hidden=True, help="Deprecated name of --slice-batch.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the network (GPU).")
 @cluster_options
 @_levels_option
 @_overwrite_option
 def restore(lr_volume: Path, output: Path, model: Path, roi: tuple[int, ...] | None, block: tuple[int, int, int],
-            overlap: tuple[int, int, int], sampler: str | None, steps: int | None, seed: int, batch: int,
-            compile_: bool, scheduler: str | None, workers: int | None, serial: bool, levels: int,
-            overwrite: bool) -> None:
+            halo: tuple[int, int, int], overlap: tuple[int, int, int] | None, sampler: str | None,
+            steps: int | None, seed: int, slice_batch: int, batch: int | None, compile_: bool,
+            scheduler: str | None, workers: int | None, serial: bool, levels: int, overwrite: bool) -> None:
     """Stage II: restore every XZ and YZ slice of LR_VOLUME and fuse them (pseudo-HR)."""
     from .stages.restore import restore as run_restore
 
+    halo = _deprecated_option("--overlap", "--halo", overlap, halo)
+    slice_batch = _deprecated_option("--batch", "--slice-batch", batch, slice_batch)
+
     with _client(scheduler, workers, serial) as client:
-        run_restore(lr_volume, output, model, roi=_roi(roi), block=block, overlap=overlap, sampler=sampler,
-                    steps=steps, seed=seed, batch=batch, compile=compile_, client=client, serial=serial,
+        run_restore(lr_volume, output, model, roi=_roi(roi), block=block, halo=halo, sampler=sampler,
+                    steps=steps, seed=seed, slice_batch=slice_batch, compile=compile_, client=client, serial=serial,
                     overwrite=overwrite,
                     levels=levels)
     click.echo(f"wrote {output}")
@@ -294,20 +307,23 @@ def restore(lr_volume: Path, output: Path, model: Path, roi: tuple[int, ...] | N
 @roi_option
 @click.option("--block", nargs=3, type=int, default=(32, 128, 128), metavar="Z Y X",
               help="LR block shape (larger blocks spend less on the halo).")
-@click.option("--batch", type=int, default=1, help="Blocks per task, batched on the device.")
+@click.option("--group", type=int, default=1, help="Blocks per task, run as one batch on the device.")
+@click.option("--batch", type=int, default=None, hidden=True, help="Deprecated name of --group.")
 @click.option("--tta", is_flag=True, help="Average the 8 xy flips/rotations (8x slower).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the network (GPU).")
 @cluster_options
 @_levels_option
 @_overwrite_option
 def infer(lr_volume: Path, output: Path, model: Path, roi: tuple[int, ...] | None, block: tuple[int, int, int],
-          batch: int, tta: bool, compile_: bool, scheduler: str | None, workers: int | None, serial: bool,
-          levels: int, overwrite: bool) -> None:
+          group: int, batch: int | None, tta: bool, compile_: bool, scheduler: str | None, workers: int | None,
+          serial: bool, levels: int, overwrite: bool) -> None:
     """Stage IV: super-resolve LR_VOLUME with DGEAN, blockwise (exact halo, crop mode)."""
     from .stages.infer import infer as run_infer
 
+    group = _deprecated_option("--batch", "--group", batch, group)
+
     with _client(scheduler, workers, serial) as client:
-        run_infer(lr_volume, output, model, roi=_roi(roi), block=block, batch=batch, tta=tta, compile=compile_,
+        run_infer(lr_volume, output, model, roi=_roi(roi), block=block, group=group, tta=tta, compile=compile_,
                   client=client, serial=serial, overwrite=overwrite, levels=levels)
     click.echo(f"wrote {output}")
 

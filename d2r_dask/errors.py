@@ -7,6 +7,8 @@ while programming errors still surface as ordinary exceptions.
 
 from __future__ import annotations
 
+import warnings
+
 
 class D2RError(Exception):
     """Base class of errors caused by the user's input or configuration."""
@@ -30,3 +32,9 @@ class CheckpointError(D2RError):
 
 class ResumeMismatchError(D2RError):
     """An output holds partial results of a different layout, model or input."""
+
+
+def renamed(old: str, new: str, value: object) -> object:
+    """Accept a value given under a deprecated name, with a warning naming the new one."""
+    warnings.warn(f"{old} is deprecated and will be removed; use {new}", FutureWarning, stacklevel=3)
+    return value

@@ -23,8 +23,7 @@ from d2r_dask.data.degrade import (
     upsample_axis,
 )
 from d2r_dask.errors import InputError
-from d2r_dask.io.geometry import lr_transform
-from d2r_dask.io.geometry import Geometry
+from d2r_dask.io.geometry import Geometry, lr_transform
 from d2r_dask.io.volume import as_dataarray, open_volume, write_volume
 
 

@@ -27,10 +27,9 @@ from d2r_dask.blockwise.runtime import worker_stats
 from d2r_dask.blockwise.scheduler import run_blockwise
 from d2r_dask.blockwise.stitching import apply_whole, blend_weights
 from d2r_dask.errors import IncompleteVolumeError, InputError, ResumeMismatchError
-from d2r_dask.io.geometry import Box
+from d2r_dask.io.geometry import Box, Geometry
 from d2r_dask.blockwise.processors import ModelSpec, load_processor
 from d2r_dask.evaluation.seams import seam_ratio
-from d2r_dask.io.geometry import Geometry
 from d2r_dask.io.volume import open_reader, open_volume, output_array, write_volume
 
 RF = (2, 2, 2)  # receptive field of the default conv3d test model (depth 2, kernel 3)
@@ -388,8 +387,6 @@ def test_resume_refuses_a_different_job(tmp_path: Path, volume: tuple[Path, np.n
 
 _SLOW_JOB = """
 import sys, time
-from d2r_dask.blockwise import scheduler
-from d2r_dask.blockwise.processors import ModelSpec
 
 real = scheduler.run_group
 def slow(job, phase, gid):

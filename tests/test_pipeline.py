@@ -46,6 +46,7 @@ from d2r_dask.stages.pipeline import (
     load_config_file,
     plan,
     run,
+    upgrade_config,
 )
 from d2r_dask.io.volume import is_complete, open_volume
 
@@ -59,7 +60,7 @@ def tiny_config(**overrides: Any) -> RunConfig:
     return replace(RunConfig(
         factor=S,
         restorer=RestorerStage(patch=32, steps=4, batch_size=2, sampler_steps=2),
-        restore=RestoreStage(max_roi=(8, 32, 32), block=(8, 16, 32), overlap=(2, 4, 4)),
+        restore=RestoreStage(max_roi=(8, 32, 32), block=(8, 16, 32), halo=(2, 4, 4)),
         dgean=DGEANStage(patch_xy=16, patch_lr_z=3, steps=4, batch_size=2),
         infer=InferStage(block=(8, 16, 32)),
     ), **overrides)
@@ -87,7 +88,7 @@ def reference(lr: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, A
 
 def test_plan_counts_blocks_tiles_and_evaluations(tmp_path: Path) -> None:
     path = write(tmp_path / "lr.zarr", np.zeros((8, 40, 40), np.uint8), VOXEL, ORIGIN)
-    cfg = replace(tiny_config(), restore=RestoreStage(max_roi=(8, 32, 32), block=(4, 16, 16), overlap=(1, 4, 4)),
+    cfg = replace(tiny_config(), restore=RestoreStage(max_roi=(8, 32, 32), block=(4, 16, 16), halo=(1, 4, 4)),
                   infer=InferStage(block=(4, 16, 16)))
     p = plan(path, cfg)
     assert p["input"]["shape"] == (8, 40, 40) and p["input"]["output_shape"] == (32, 40, 40)
@@ -171,12 +172,9 @@ def test_finished_run_reruns_without_computing(reference: dict[str, Any], lr: Pa
 
 _PAUSING_RUN = """
 import json, sys, time
-from pathlib import Path
 import torch
 torch.set_num_threads(1)  # as the test process: the same floating-point results
-from d2r_dask.blockwise import scheduler
-from d2r_dask.stages import pipeline
-from d2r_dask.stages import train
+from d2r_dask.stages import pipeline, train
 from d2r_dask.stages.pipeline import RunConfig
 
 lr, out, config, stage, flag = sys.argv[1:6]
@@ -321,7 +319,7 @@ def test_resume_after_kill_9_on_fib25_x4(tmp_path: Path, shared_data: Callable[[
     gt = convert(tif, tmp_path / "gt.zarr", voxel_size=(10.0, 10.0, 10.0), levels=1)
     crop = open_volume(gt).values[100:132, 90:154, 90:154]
     lr = write(tmp_path / "lr.zarr", crop[::S], (10.0 * S, 10.0, 10.0), chunks=(8, 32, 32))
-    cfg = tiny_config(restore=RestoreStage(max_roi=(8, 32, 32), block=(8, 16, 32), overlap=(2, 4, 4)),
+    cfg = tiny_config(restore=RestoreStage(max_roi=(8, 32, 32), block=(8, 16, 32), halo=(2, 4, 4)),
                       infer=InferStage(block=(8, 32, 64)))
     run(lr, tmp_path / "ref.zarr", cfg, **RUN)
     reference = open_volume(tmp_path / "ref.zarr").values
@@ -393,6 +391,26 @@ def test_bad_toml_is_a_clear_error(tmp_path: Path) -> None:
         load_config_file(path)
     with pytest.raises(InputError, match="no such config file"):
         load_config_file(tmp_path / "missing.yaml")
+
+
+def test_renamed_config_keys_still_read_with_a_warning() -> None:
+    """``restore.overlap``/``restore.batch``/``infer.batch`` were renamed ``halo``/``slice_batch``/``group``."""
+    with pytest.warns(FutureWarning) as warned:
+        cfg = RunConfig.from_dict({"factor": 4, "restore": {"overlap": [1, 2, 3], "batch": 8}, "infer": {"batch": 2}})
+    assert sorted(str(w.message) for w in warned) == [
+        f"config key {old} is deprecated and will be removed; use {new}"
+        for old, new in [("infer.batch", "infer.group"), ("restore.batch", "restore.slice_batch"),
+                         ("restore.overlap", "restore.halo")]]
+    assert (cfg.restore.halo, cfg.restore.slice_batch, cfg.infer.group) == ((1, 2, 3), 8, 2)
+    with pytest.warns(FutureWarning, match="use halo"):
+        assert RestoreStage(overlap=(1, 2, 3)).halo == (1, 2, 3)
+    with pytest.warns(FutureWarning, match="use group"):
+        assert InferStage(batch=3) == InferStage(group=3)
+    # a run recorded under the old names resumes: its stored config reads as today's
+    old = RunConfig(factor=4).to_dict()
+    old["restore"]["overlap"], old["restore"]["batch"] = old["restore"].pop("halo"), old["restore"].pop("slice_batch")
+    old["infer"]["batch"] = old["infer"].pop("group")
+    assert upgrade_config(old, warn=False) == RunConfig(factor=4).to_dict()
 
 
 def test_config_show_is_the_template_and_a_valid_config(tmp_path: Path, lr: Path,

@@ -22,10 +22,9 @@ from d2r_testkit import (
 )
 
 from d2r_dask.blockwise.stitching import apply_whole
-from d2r_dask.io.geometry import Box
+from d2r_dask.io.geometry import Box, sr_geometry
 from d2r_dask.stages.infer import DGEANProcessor, infer
 from d2r_dask.models.dgean import receptive_field
-from d2r_dask.io.geometry import sr_geometry
 from d2r_dask.stages.restore import restore
 from d2r_dask.models.checkpoint import load_dgean
 from d2r_dask.io.volume import open_volume
@@ -137,7 +136,7 @@ def test_sr_geometry_matches_the_rule() -> None:
 # --- Stage II -----------------------------------------------------------------------------------
 
 
-RESTORE = {"block": (4, 16, 16), "overlap": (1, 4, 4), "serial": True, "progress": False, "levels": 1}
+RESTORE = {"block": (4, 16, 16), "halo": (1, 4, 4), "serial": True, "progress": False, "levels": 1}
 
 
 @pytest.fixture(scope="module")

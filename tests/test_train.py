@@ -31,11 +31,10 @@ from d2r_testkit import (
 )
 
 from d2r_dask.stages import train as train_mod
-from d2r_dask.models.checkpoint import CONFIG, TRAIN_STATE, WEIGHTS, read_config, read_weights
+from d2r_dask.models.checkpoint import CONFIG, TRAIN_STATE, WEIGHTS, load_dgean, load_restorer, read_config, read_weights
 from d2r_dask.data.degrade import degrade_along, upsample_axis
 from d2r_dask.errors import CheckpointError, InputError, OutputExistsError
 from d2r_dask.data.patches import PatchSource, axial_pair, lateral_pair, step_rng
-from d2r_dask.models.checkpoint import load_dgean, load_restorer
 from d2r_dask.stages.train import train_dgean, train_restorer
 
 KINDS = ("restorer", "dgean")

@@ -21,9 +21,8 @@ import xarray as xr
 from scipy.ndimage import gaussian_filter1d
 
 from ..errors import InputError
-from ..io.geometry import check_factor, check_mode, degraded_length, hr_to_lr_coord, lr_transform
-from ..io.geometry import Geometry
-from ..io.volume import as_dataarray
+from ..io.geometry import Geometry, check_factor, check_mode, degraded_length, hr_to_lr_coord, lr_transform
+from ..io.volume import as_dataarray, to_dtype
 from .noise import keyed_normal
 
 Method = Literal["nearest", "linear", "cubic"]

@@ -20,8 +20,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import InputError
-from ..io.geometry import Box, central_crop, check_factor, check_mode, sr_transform
-from ..io.geometry import Geometry
+from ..io.geometry import Box, Geometry, central_crop, check_factor, check_mode, sr_transform
 from ..io.volume import d2r_metadata, open_volume, to_dtype
 from .metrics import SSIM_WIN, MetricAccumulator, boundary_agreement, boundary_map, interpolate_z
 

@@ -18,7 +18,7 @@ import torch
 from ..blockwise.processors import ModelSpec, register
 from ..blockwise.scheduler import run_blockwise
 from ..data.intensity import Intensity
-from ..errors import InputError
+from ..errors import InputError, renamed
 from ..io.geometry import Box, Triple, sr_geometry
 from ..io.volume import open_volume
 
@@ -69,7 +69,7 @@ def infer(
     model: str | os.PathLike,
     *,
     block: Sequence[int] = (32, 128, 128),
-    batch: int = 1,
+    group: int = 1,
     tta: bool = False,
     compile: bool = False,
     roi: Box | None = None,
@@ -78,11 +78,16 @@ def infer(
     overwrite: bool = False,
     progress: bool = True,
     levels: int = 3,
+    batch: int | None = None,
 ) -> os.PathLike:
-    """Stage IV through the engine: the SR volume of ``lr_path``, ``batch`` blocks per task.
+    """Stage IV through the engine: the SR volume of ``lr_path``.
 
-    Restarting with the same arguments resumes at the first unfinished chunk.
+    Each task takes ``group`` blocks and runs them as one batch on the device (the
+    engine's ``group``). Restarting with the same arguments resumes at the first
+    unfinished chunk. ``batch`` is the deprecated name of ``group``.
     """
+    if batch is not None:
+        group = renamed("infer(batch=...)", "group", batch)  # type: ignore[assignment]
     from ..models.dgean import receptive_field
     from ..models.checkpoint import read_dgean_config
 
@@ -92,7 +97,7 @@ def infer(
     options: dict[str, Any] = {"tta": tta, "compile": compile}
     return run_blockwise(
         lr_path, output, ModelSpec("dgean", str(model), options), block=block, halo=halo, scale=(cfg.factor, 1, 1),
-        stitch="crop", group=batch, roi=roi, geometry=sr_geometry(lr, cfg.factor, cfg.mode, roi), client=client,
+        stitch="crop", group=group, roi=roi, geometry=sr_geometry(lr, cfg.factor, cfg.mode, roi), client=client,
         serial=serial, overwrite=overwrite, progress=progress, levels=levels,
         metadata={"stage": "IV (super-resolved)", "model": str(model), "factor": cfg.factor, "mode": cfg.mode},
     )

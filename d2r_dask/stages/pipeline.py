@@ -23,12 +23,12 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import InitVar, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .. import __version__
-from ..errors import InputError, ResumeMismatchError
+from ..errors import InputError, ResumeMismatchError, renamed
 from ..io.geometry import Box, check_factor, check_mode, grid_shape
 from ..io.volume import is_complete, open_volume
 
@@ -51,13 +51,26 @@ class RestorerStage:
 
 @dataclass(frozen=True)
 class RestoreStage:
-    """Stage II: pseudo-HR by restoring XZ/YZ slices (``roi``: LR voxels z0 y0 x0 z1 y1 x1)."""
+    """Stage II: pseudo-HR by restoring XZ/YZ slices (``roi``: LR voxels z0 y0 x0 z1 y1 x1).
+
+    ``halo``: LR voxels each tile reads beyond its block (tiles overlap by twice it);
+    ``slice_batch``: slices per forward pass. ``overlap`` and ``batch`` are their
+    deprecated names.
+    """
 
     roi: tuple[int, ...] | None = None
     max_roi: tuple[int, int, int] = (64, 256, 256)
     block: tuple[int, int, int] = (16, 64, 64)
-    overlap: tuple[int, int, int] = (4, 16, 16)
-    batch: int = 64
+    halo: tuple[int, int, int] = (4, 16, 16)
+    slice_batch: int = 64
+    overlap: InitVar[tuple[int, int, int] | None] = None
+    batch: InitVar[int | None] = None
+
+    def __post_init__(self, overlap: tuple[int, int, int] | None, batch: int | None) -> None:
+        if overlap is not None:
+            object.__setattr__(self, "halo", renamed("RestoreStage(overlap=...)", "halo", overlap))
+        if batch is not None:
+            object.__setattr__(self, "slice_batch", renamed("RestoreStage(batch=...)", "slice_batch", batch))
 
 
 @dataclass(frozen=True)
@@ -75,11 +88,17 @@ class DGEANStage:
 
 @dataclass(frozen=True)
 class InferStage:
-    """Stage IV: blockwise DGEAN inference."""
+    """Stage IV: blockwise DGEAN inference; ``group`` blocks per task, run as one batch
+    (``batch`` is its deprecated name)."""
 
     block: tuple[int, int, int] = (32, 128, 128)
-    batch: int = 1
+    group: int = 1
     tta: bool = False
+    batch: InitVar[int | None] = None
+
+    def __post_init__(self, batch: int | None) -> None:
+        if batch is not None:
+            object.__setattr__(self, "group", renamed("InferStage(batch=...)", "group", batch))
 
 
 @dataclass(frozen=True)
@@ -107,7 +126,7 @@ class RunConfig:
         """Build from nested mappings (a config file), naming any unknown key or mistyped value."""
         kwargs: dict[str, Any] = {}
         known = {f.name: f for f in fields(cls)}
-        for key, value in data.items():
+        for key, value in upgrade_config(data).items():
             if key not in known:
                 raise InputError(f"unknown config key {key!r}; known: {', '.join(known)}")
             sub = _SECTIONS.get(key)
@@ -152,6 +171,26 @@ def _parse_option(name: str, value: Any, default: Any) -> Any:
 
 
 _SECTIONS = {"restorer": RestorerStage, "restore": RestoreStage, "dgean": DGEANStage, "infer": InferStage}
+
+# config keys that were renamed: section -> {old: new}; the old names are still read
+RENAMED_KEYS = {"restore": {"overlap": "halo", "batch": "slice_batch"}, "infer": {"batch": "group"}}
+
+
+def upgrade_config(data: Mapping[str, Any], *, warn: bool = True) -> dict[str, Any]:
+    """``data`` with renamed keys under their new names (a warning for each, if ``warn``)."""
+    out = dict(data)
+    for section, names in RENAMED_KEYS.items():
+        if not isinstance(out.get(section), Mapping):
+            continue
+        sub = dict(out[section])
+        for old, new in names.items():
+            if old in sub:
+                value = sub.pop(old)
+                if warn:
+                    renamed(f"config key {section}.{old}", f"{section}.{new}", value)
+                sub.setdefault(new, value)
+        out[section] = sub
+    return out
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -248,7 +287,7 @@ def plan(lr_path: str | os.PathLike, cfg: RunConfig) -> dict[str, Any]:
     shape = tuple(lr.shape)
     roi = stage2_roi(shape, cfg)
     tiles = math.prod(grid_shape(roi.shape, cfg.restore.block))
-    tile = [b + 2 * o for b, o in zip(cfg.restore.block, cfg.restore.overlap)]
+    tile = [b + 2 * h for b, h in zip(cfg.restore.block, cfg.restore.halo)]
     slices_per_tile = tile[1] + tile[2]
     nfe = cfg.restorer.sampler_steps  # what Stage II runs, whichever the sampler
     dcfg = dgean_config(cfg.dgean.preset, s, cfg.mode)
@@ -319,6 +358,7 @@ def run(
     record: dict[str, Any] = {}
     if paths.record.exists() and not overwrite:
         record = json.loads(paths.record.read_text())
+        record["config"] = upgrade_config(record.get("config", {}), warn=False)  # runs recorded before a rename
         if record.get("config") != cfg.to_dict() or record.get("input") != str(paths.lr.resolve()):
             old = record.get("config", {})
             diff = sorted(k for k in set(old) | set(cfg.to_dict()) if old.get(k) != cfg.to_dict().get(k))
@@ -362,8 +402,8 @@ def run(
         resume=True, progress=progress))
     roi = stage2_roi(tuple(lr.shape), cfg)
     stage("pseudo_hr", is_complete(paths.pseudo_hr), lambda: restore(
-        paths.lr, paths.pseudo_hr, paths.restorer, roi=roi, block=cfg.restore.block, overlap=cfg.restore.overlap,
-        seed=cfg.seed, batch=cfg.restore.batch, client=client, serial=serial, progress=progress))
+        paths.lr, paths.pseudo_hr, paths.restorer, roi=roi, block=cfg.restore.block, halo=cfg.restore.halo,
+        seed=cfg.seed, slice_batch=cfg.restore.slice_batch, client=client, serial=serial, progress=progress))
     stage("dgean", _training_done(paths.dgean, d.steps), lambda: train_dgean(
         paths.pseudo_hr, paths.dgean,
         DGEANTrainConfig(factor=cfg.factor, mode=cfg.mode, preset=d.preset, patch_xy=d.patch_xy,
@@ -372,7 +412,7 @@ def run(
                     checkpoint_every=max(1, d.steps // 6), val_every=max(1, d.steps // 3)),
         resume=True, progress=progress))
     stage("sr", is_complete(paths.output), lambda: infer(
-        paths.lr, paths.output, paths.dgean, block=cfg.infer.block, batch=cfg.infer.batch, tta=cfg.infer.tta,
+        paths.lr, paths.output, paths.dgean, block=cfg.infer.block, group=cfg.infer.group, tta=cfg.infer.tta,
         client=client, serial=serial, progress=progress, levels=levels))
     record["finished"] = True
     write_json(paths.record, record)

@@ -1,10 +1,10 @@
 """Stage II: restore every XZ and YZ slice of the LR volume and fuse them into the pseudo-HR.
 
-Each engine tile is a ``(Z, Y, X)`` LR block (with overlap). The processor cuts it
+Each engine tile is a ``(Z, Y, X)`` LR block grown by the ``halo`` (tiles overlap by twice it). The processor cuts it
 into XZ slices (one per y) and YZ slices (one per x); each slice's condition
 ``mu`` is its cubic z-upsampling placed by the acquisition geometry, exactly as
 Stage I built its conditions; the restorer's reverse diffusion runs on batches of
-slices; the two orientations are averaged. Every Gaussian draw of the sampler is
+``slice_batch`` slices; the two orientations are averaged. Every Gaussian draw of the sampler is
 keyed by ``(seed, orientation, step, global HR voxel)``, so the result does not
 depend on chunking or worker count, and the engine's ``blend`` mode cross-fades
 tiles so no tile edge shows.
@@ -24,7 +24,7 @@ from ..blockwise.scheduler import run_blockwise
 from ..data.degrade import upsample_axis
 from ..data.intensity import Intensity
 from ..data.noise import keyed_normal
-from ..errors import InputError
+from ..errors import InputError, renamed
 from ..io.geometry import Box, Triple, sr_geometry
 from ..io.volume import open_volume
 
@@ -35,7 +35,7 @@ class RestorerProcessor:
     """Stage II on one device: ``(B, Z, Y, X)`` LR tiles -> ``(B, Z*s, Y, X)`` pseudo-HR."""
 
     def __init__(self, directory: str, device: str, *, sampler: str | None = None, steps: int | None = None,
-                 seed: int = 0, batch: int = 64, orientations: Sequence[str] = ("xz", "yz"),
+                 seed: int = 0, slice_batch: int = 64, orientations: Sequence[str] = ("xz", "yz"),
                  compile: bool = False) -> None:
         from ..models.checkpoint import load_restorer
 
@@ -51,7 +51,7 @@ class RestorerProcessor:
         self.steps = steps if steps is not None else config.get("sampler", {}).get("steps")
         self.sde.n_evaluations(self.sampler, self.steps)  # validates the pair
         self.intensity = Intensity(**config["intensity"])
-        self.seed, self.batch = int(seed), int(batch)
+        self.seed, self.slice_batch = int(seed), int(slice_batch)
         if not set(orientations) <= {"xz", "yz"} or not orientations:
             raise InputError(f"orientations must be xz and/or yz, got {orientations}")
         self.orientations = tuple(orientations)
@@ -67,8 +67,8 @@ class RestorerProcessor:
         """
         mu = upsample_axis(slices, self.factor, axis=1, mode=self.mode, method="cubic")
         out = np.empty_like(mu)
-        for a in range(0, len(mu), self.batch):
-            b = min(a + self.batch, len(mu))
+        for a in range(0, len(mu), self.slice_batch):
+            b = min(a + self.slice_batch, len(mu))
             sub = tuple(k[a:b] if k.shape[0] > 1 else k for k in keys)
 
             def noise_fn(k: int, shape: torch.Size, sub: tuple = sub) -> torch.Tensor:
@@ -116,35 +116,44 @@ def restore(
     *,
     roi: Box | None = None,
     block: Sequence[int] = (16, 64, 64),
-    overlap: Sequence[int] = (4, 16, 16),
+    halo: Sequence[int] = (4, 16, 16),
     sampler: str | None = None,
     steps: int | None = None,
     seed: int = 0,
-    batch: int = 64,
+    slice_batch: int = 64,
     compile: bool = False,
     client: Any = None,
     serial: bool = False,
     overwrite: bool = False,
     progress: bool = True,
     levels: int = 1,
+    overlap: Sequence[int] | None = None,
+    batch: int | None = None,
 ) -> os.PathLike:
     """Stage II through the engine: the pseudo-HR volume of ``lr_path`` (or of ``roi``).
 
-    Tiles of ``block`` LR voxels overlap by ``2 * overlap`` and are blended. Restarting
-    with the same arguments resumes.
+    Tiles of ``block`` LR voxels grown by ``halo`` (so neighbours overlap by ``2 * halo``)
+    are blended; the restorer runs on ``slice_batch`` slices per forward pass. Restarting
+    with the same arguments resumes. ``overlap`` and ``batch`` are the deprecated names of
+    ``halo`` and ``slice_batch``.
     """
+    if overlap is not None:
+        halo = renamed("restore(overlap=...)", "halo", overlap)  # type: ignore[assignment]
+    if batch is not None:
+        slice_batch = renamed("restore(batch=...)", "slice_batch", batch)  # type: ignore[assignment]
     from ..models.checkpoint import read_restorer_config
 
     *_, config = read_restorer_config(model)
     factor, mode = int(config["factor"]), str(config["mode"])
     lr = open_volume(lr_path)
-    options: dict[str, Any] = {"seed": seed, "batch": batch, "compile": compile}
+    options: dict[str, Any] = {"seed": seed, "slice_batch": slice_batch, "compile": compile}
     if sampler is not None:
         options["sampler"] = sampler
     if steps is not None:
         options["steps"] = steps
     spec = ModelSpec("restorer", str(model), options)
-    halo = tuple(min(o, max(0, n // 2 - 1)) if n > 1 else 0 for o, n in zip(overlap, lr.shape))
+    # reflection needs the halo below half the volume's extent
+    halo = tuple(min(h, max(0, n // 2 - 1)) if n > 1 else 0 for h, n in zip(halo, lr.shape))
     return run_blockwise(
         lr_path, output, spec, block=block, halo=halo, scale=(factor, 1, 1), stitch="blend", roi=roi,
         geometry=sr_geometry(lr, factor, mode, roi), client=client, serial=serial, overwrite=overwrite,
