@@ -387,6 +387,8 @@ def test_resume_refuses_a_different_job(tmp_path: Path, volume: tuple[Path, np.n
 
 _SLOW_JOB = """
 import sys, time
+from d2r_dask.blockwise import scheduler
+from d2r_dask.blockwise.processors import ModelSpec
 
 real = scheduler.run_group
 def slow(job, phase, gid):

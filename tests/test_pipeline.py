@@ -172,8 +172,10 @@ def test_finished_run_reruns_without_computing(reference: dict[str, Any], lr: Pa
 
 _PAUSING_RUN = """
 import json, sys, time
+from pathlib import Path
 import torch
 torch.set_num_threads(1)  # as the test process: the same floating-point results
+from d2r_dask.blockwise import scheduler
 from d2r_dask.stages import pipeline, train
 from d2r_dask.stages.pipeline import RunConfig
 

@@ -90,6 +90,21 @@ def register(kind: str) -> Callable[[Loader], Loader]:
     return deco
 
 
+def register_checkpoint(kind: str, what: str) -> Callable[[type], type]:
+    """Register a processor class built as ``cls(checkpoint_dir, device, **spec.options)``."""
+
+    def deco(cls: type) -> type:
+        def load(spec: ModelSpec, device: str) -> BlockProcessor:
+            if spec.path is None:
+                raise InputError(f"a {what} model spec needs the checkpoint directory (--model)")
+            return cls(spec.path, device, **spec.options)
+
+        _REGISTRY[kind] = load
+        return cls
+
+    return deco
+
+
 def load_processor(spec: ModelSpec, device: str = "cpu") -> BlockProcessor:
     """Build the processor for ``spec`` on ``device`` (the engine caches it per worker)."""
     if spec.kind not in _REGISTRY:

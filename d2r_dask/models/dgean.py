@@ -68,7 +68,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -76,6 +76,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..io.geometry import MODES, hr_to_lr_coord
+from .config import config_from_dict
 
 __all__ = [
     "DGEAN",
@@ -370,11 +371,9 @@ class DGEANConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DGEANConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        if unknown := sorted(set(data) - known):
-            raise ValueError(f"unknown DGEAN config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    def from_dict(cls, data: Mapping[str, Any]) -> DGEANConfig:
+        """Inverse of ``to_dict``; unknown keys are an error, not silently dropped."""
+        return config_from_dict(cls, data)
 
 
 PRESETS: dict[str, dict[str, int]] = {

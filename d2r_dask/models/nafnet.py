@@ -23,12 +23,14 @@ where the image is large enough, else replicate) and the output is cropped back,
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .config import config_from_dict
 
 
 @dataclass(frozen=True)
@@ -92,11 +94,7 @@ class NAFNetConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> NAFNetConfig:
         """Inverse of ``to_dict``; unknown keys are an error, not silently dropped."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown NAFNetConfig keys {unknown}; known keys are {sorted(known)}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
 
 def _is_int(value: object) -> bool:

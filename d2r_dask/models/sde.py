@@ -22,11 +22,13 @@ injectable ``noise_fn`` so a blockwise engine can key it by voxel coordinates.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
+
+from .config import config_from_dict
 
 NoiseFn = Callable[[int, torch.Size], torch.Tensor]
 """``noise_fn(step_index, shape)`` -> standard-normal tensor of ``shape`` (see ``IRSDE.sample``)."""
@@ -64,11 +66,8 @@ class SDEConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SDEConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown SDEConfig keys {unknown}; known keys are {sorted(known)}")
-        return cls(**data)
+        """Inverse of ``to_dict``; unknown keys are an error, not silently dropped."""
+        return config_from_dict(cls, data)
 
 
 def _cosine_thetas(T: int, s: float) -> torch.Tensor:

@@ -15,16 +15,17 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..blockwise.processors import ModelSpec, register
+from ..blockwise.processors import ModelSpec, register_checkpoint
 from ..blockwise.scheduler import run_blockwise
 from ..data.intensity import Intensity
-from ..errors import InputError, renamed
+from ..errors import renamed
 from ..io.geometry import Box, Triple, sr_geometry
 from ..io.volume import open_volume
 
 log = logging.getLogger(__name__)
 
 
+@register_checkpoint("dgean", "DGEAN")
 class DGEANProcessor:
     """``(B, Z, Y, X)`` LR blocks with halo -> ``(B, Z*s, Y, X)`` SR blocks on one device."""
 
@@ -54,13 +55,6 @@ class DGEANProcessor:
         with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             y = self.forward(x)
         return self.intensity.from_unit(y.float()[:, 0].clamp(0, 1).cpu().numpy())
-
-
-@register("dgean")
-def _load_dgean(spec: ModelSpec, device: str) -> DGEANProcessor:
-    if spec.path is None:
-        raise InputError("a DGEAN model spec needs the checkpoint directory (--model)")
-    return DGEANProcessor(spec.path, device, **spec.options)
 
 
 def infer(

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..blockwise.processors import ModelSpec, register
+from ..blockwise.processors import ModelSpec, register_checkpoint
 from ..blockwise.scheduler import run_blockwise
 from ..data.degrade import upsample_axis
 from ..data.intensity import Intensity
@@ -31,6 +31,7 @@ from ..io.volume import open_volume
 log = logging.getLogger(__name__)
 
 
+@register_checkpoint("restorer", "restorer")
 class RestorerProcessor:
     """Stage II on one device: ``(B, Z, Y, X)`` LR tiles -> ``(B, Z*s, Y, X)`` pseudo-HR."""
 
@@ -100,13 +101,6 @@ class RestorerProcessor:
                 acc += self.restore_slices(unit.transpose(2, 0, 1), keys, 1).transpose(1, 2, 0)
             out[i] = self.intensity.from_unit(acc / len(self.orientations))
         return out
-
-
-@register("restorer")
-def _load_restorer(spec: ModelSpec, device: str) -> RestorerProcessor:
-    if spec.path is None:
-        raise InputError("a restorer model spec needs the checkpoint directory (--model)")
-    return RestorerProcessor(spec.path, device, **spec.options)
 
 
 def restore(
