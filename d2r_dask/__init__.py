@@ -25,7 +25,7 @@ _EXPORTS = {
     "run_blockwise": "blockwise.scheduler", "ModelSpec": "blockwise.processors", "connect": "blockwise.cluster",
     "TrainConfig": "stages.train", "RestorerConfig": "stages.train", "DGEANTrainConfig": "stages.train",
     "train_restorer": "stages.train", "train_dgean": "stages.train",
-    "RunConfig": "stages.pipeline", "run": "stages.pipeline", "plan": "stages.pipeline",
+    "RunConfig": "stages.config", "run": "stages.pipeline", "plan": "stages.pipeline",
 }
 # convert, restore, infer, evaluate and demo share their module's name: import them from
 # there (``from d2r_dask.stages.infer import infer``), as a submodule import would shadow them here.

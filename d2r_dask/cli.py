@@ -375,7 +375,8 @@ def run(lr_volume: Path, output: Path, factor: int | None, mode: str | None, con
     Stage III train DGEAN on the pseudo-HR degraded along z
     Stage IV  DGEAN over all of LR_VOLUME, blockwise -> SR
     """
-    from .stages.pipeline import RunConfig, load_config_file, merge, plan, run as run_pipeline
+    from .stages.config import RunConfig, load_config_file, merge
+    from .stages.pipeline import plan, run as run_pipeline
 
     base = load_config_file(config_file) if config_file else {}
     merged = merge(base, _run_overrides(factor, mode, seed, device, restorer_steps, dgean_steps,
@@ -404,7 +405,7 @@ def config() -> None:
 @click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml")
 def config_show(factor: int, fmt: str) -> None:
     """Print every option of `d2r run` with its default."""
-    from .stages.pipeline import config_template
+    from .stages.config import config_template
 
     data = config_template(factor)
     if fmt == "json":

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .stages.pipeline import DGEANStage, RestorerStage, RestoreStage, RunConfig
+from .stages.config import DGEANStage, RestorerStage, RestoreStage, RunConfig
 
 log = logging.getLogger(__name__)
 

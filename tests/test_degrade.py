@@ -14,17 +14,16 @@ from scipy.ndimage import gaussian_filter1d
 from d2r_dask.data.degrade import (
     METHODS,
     AxialDegradation,
-    check_finite,
     degrade_along,
     degrade_lateral,
     degrade_volume,
     interp_weights,
-    to_dtype,
     upsample_axis,
 )
 from d2r_dask.errors import InputError
+from d2r_dask.io.convert import check_finite
 from d2r_dask.io.geometry import Geometry, lr_transform
-from d2r_dask.io.volume import as_dataarray, open_volume, write_volume
+from d2r_dask.io.volume import as_dataarray, open_volume, to_dtype, write_volume
 
 
 def _ref_degrade(a: np.ndarray, s: int, axis: int, mode: str) -> np.ndarray:

@@ -34,20 +34,17 @@ from d2r_testkit import one_torch_thread, synth_array, write  # noqa: F401  (aut
 from d2r_dask.blockwise import scheduler
 from d2r_dask.stages import train as train_mod
 from d2r_dask.errors import InputError, ResumeMismatchError
-from d2r_dask.stages.pipeline import (
-    STAGES,
+from d2r_dask.stages.config import (
     DGEANStage,
     InferStage,
     RestorerStage,
     RestoreStage,
     RunConfig,
     config_template,
-    default_workdir,
     load_config_file,
-    plan,
-    run,
     upgrade_config,
 )
+from d2r_dask.stages.pipeline import STAGES, default_workdir, plan, run
 from d2r_dask.io.volume import is_complete, open_volume
 
 S = 4
@@ -177,7 +174,7 @@ import torch
 torch.set_num_threads(1)  # as the test process: the same floating-point results
 from d2r_dask.blockwise import scheduler
 from d2r_dask.stages import pipeline, train
-from d2r_dask.stages.pipeline import RunConfig
+from d2r_dask.stages.config import RunConfig
 
 lr, out, config, stage, flag = sys.argv[1:6]
 

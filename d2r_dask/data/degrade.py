@@ -29,15 +29,6 @@ Method = Literal["nearest", "linear", "cubic"]
 METHODS = ("nearest", "linear", "cubic")
 
 
-def check_finite(arr: np.ndarray, what: str = "input") -> None:
-    """Raise if a float array holds NaN or inf (integer arrays always pass)."""
-    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-        raise InputError(
-            f"{what} contains NaN or infinite values; replace them (e.g. with the volume's "
-            "median) before running d2r"
-        )
-
-
 def degrade_along(arr: np.ndarray, factor: int, *, axis: int, mode: str) -> np.ndarray:
     """Degrade ``arr`` along ``axis`` by ``factor``: keep every s-th sample or average slabs.
 

@@ -19,7 +19,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..data.degrade import check_finite
 from ..errors import D2RError, InputError
 from .geometry import Geometry
 from .volume import check_dtype, create_volume, default_chunks, finalize_volume, open_volume
@@ -27,6 +26,15 @@ from .volume import check_dtype, create_volume, default_chunks, finalize_volume,
 log = logging.getLogger(__name__)
 
 SLICE_SUFFIXES = (".tif", ".tiff", ".png")
+
+
+def check_finite(arr: np.ndarray, what: str = "input") -> None:
+    """Raise if a float array holds NaN or inf (integer arrays always pass)."""
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        raise InputError(
+            f"{what} contains NaN or infinite values; replace them (e.g. with the volume's "
+            "median) before running d2r"
+        )
 
 
 @dataclass

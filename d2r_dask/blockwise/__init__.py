@@ -1,0 +1,21 @@
+"""The blockwise engine: any block processor over a stored volume, on dask.distributed.
+
+Read top-down:
+
+* :mod:`.layout` -- the pure geometry of a job: blocks, halos, read/write boxes,
+  reflection at the volume's edges, groups of blocks per task.
+* :mod:`.stitching` -- ``crop`` (and its whole-volume reference) and ``blend``
+  (partition-of-unity weights).
+* :mod:`.processors` -- :class:`~.processors.ModelSpec` (what a worker loads) and the
+  registry of block processors; small deterministic ones for tests and benchmarks.
+* :mod:`.jobstate` -- job identity (``job.json``), done-markers, resume.
+* :mod:`.runtime` -- what a worker process keeps between tasks (model, arrays,
+  counters) and where it runs (threads, GPU).
+* :mod:`.tasks` -- what one task does, one function per phase.
+* :mod:`.scheduler` -- :func:`~.scheduler.run_blockwise`: the submission loop.
+* :mod:`.cluster` -- connecting to or starting a Dask cluster.
+
+Contract: may import :mod:`d2r_dask.io` and :mod:`d2r_dask.errors`; knows no concrete
+model (it loads a :class:`~.processors.ModelSpec` through the registry; the stages
+register ``restorer`` and ``dgean``); never imports the stages, models or click.
+"""
