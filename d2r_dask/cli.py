@@ -3,6 +3,9 @@
 Each command parses its options, calls one API function and prints a result.
 Errors caused by the input (:class:`~d2r_dask.errors.D2RError`) are printed as
 one line without a traceback, with exit status 1.
+
+Every command is here so ``d2r --help`` reads as one table of contents; each is a few lines
+of options around one API call.
 """
 
 from __future__ import annotations

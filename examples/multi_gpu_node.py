@@ -33,5 +33,5 @@ with LocalCUDACluster(threads_per_worker=1) as cluster, Client(cluster) as clien
     print("dashboard:", client.dashboard_link)
     if args.restorer:
         restore(args.lr, args.sr.replace(".zarr", "") + ".pseudo_hr.zarr", args.restorer,
-                block=(32, 128, 256), overlap=(4, 16, 16), batch=128, client=client)
-    infer(args.lr, args.sr, args.dgean, block=(32, 256, 256), batch=4, compile=True, client=client)
+                block=(32, 128, 256), halo=(4, 16, 16), slice_batch=128, client=client)
+    infer(args.lr, args.sr, args.dgean, block=(32, 256, 256), group=4, compile=True, client=client)

@@ -44,4 +44,4 @@ cluster = SLURMCluster(
 cluster.scale(jobs=args.jobs)
 with Client(cluster) as client:
     print("dashboard:", client.dashboard_link)
-    infer(args.lr, args.sr, args.model, block=(32, 256, 256), batch=1, client=client)
+    infer(args.lr, args.sr, args.model, block=(32, 256, 256), group=1, client=client)

@@ -21,6 +21,9 @@ Layers, composed per voxel::
 
 The blur is computed on the block extended by its kernel radius and cropped, so it too is
 independent of the tiling.
+
+One generator in one file: the cell tessellation, membranes, organelles and the imaging
+model share the keyed-noise and block-origin bookkeeping that makes blocks agree.
 """
 
 from __future__ import annotations

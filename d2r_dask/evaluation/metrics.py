@@ -13,6 +13,9 @@ perpendicular to axis 0 (z), ``"xz"`` to axis 1 (y), ``"yz"`` to axis 2 (x).
 - :class:`MetricAccumulator`: the same PSNR, SSIM and FRC from slabs.
 - :func:`interpolate_z`: nearest / linear / cubic z-upsampling baselines on the project's grid.
 - :func:`boundary_map` / :func:`boundary_agreement`: the downstream membrane check.
+
+One file for the metrics of the evaluation protocol (pure numpy, no I/O), so every score in
+a report is defined in one place; each metric is a few short functions read top-down.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ Writing is crash-safe by construction::
 
 so a store left by an interrupted run carries no NGFF image metadata, is refused by
 :func:`open_volume`, and never looks finished to us or to other readers.
+
+Longer than most modules on purpose: it is the Zarr boundary (reading NGFF 0.4/0.5 and
+plain Zarr, creating, writing, finalizing, describing), kept in one file so that no other
+module imports zarr.
 """
 
 from __future__ import annotations

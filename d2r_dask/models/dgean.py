@@ -60,6 +60,9 @@ and element-wise ops are not counted. Mode ``decimate``, cubic interpolation::
     base         8  (18, 18, 18)       485,057           122,581
     full         4  (30, 30, 30)     2,392,769         1,197,696
     full         8  (30, 30, 30)     2,835,393           711,173
+
+One model family in one file read top-down, smallest part first (as NAFNet's), with its
+presets, receptive field and FLOP count next to the layers they are computed from.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ so a resumed run ends with the same weights as an uninterrupted one.
   patches of the LR volume, degraded along one in-plane axis.
 * :func:`train_dgean` — Stage III: DGEAN on 3D patches of the pseudo-HR volume
   (or of ground truth with ``supervised``), degraded along z like the acquisition.
+
+Both trainers stay beside the loop they share (the patch sources, validation and
+checkpoint configs differ only in what they hold).
 """
 
 from __future__ import annotations
