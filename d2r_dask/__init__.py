@@ -27,8 +27,8 @@ _EXPORTS = {
     "train_restorer": "stages.train", "train_dgean": "stages.train",
     "RunConfig": "stages.config", "run": "stages.pipeline", "plan": "stages.pipeline",
 }
-# convert, restore, infer, evaluate and demo share their module's name: import them from
-# there (``from d2r_dask.stages.infer import infer``), as a submodule import would shadow them here.
+# convert, restore, infer, evaluate and demo are imported from their modules
+# (``from d2r_dask.stages.infer import infer``); ``d2r_dask.demo`` is itself a module here.
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 

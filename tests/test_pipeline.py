@@ -426,3 +426,15 @@ def test_config_show_is_the_template_and_a_valid_config(tmp_path: Path, lr: Path
     dry = cli_run("run", lr, tmp_path / "sr.zarr", "--config", tmp_path / "template.yaml", "--dry-run")
     assert_cli_ok(dry)
     assert json.loads(dry.output) == json.loads(json.dumps(plan(lr, RunConfig(factor=4)), default=str))
+
+
+def test_cli_uses_one_name_per_concept(cli_run: Callable[..., Any]) -> None:
+    """``--halo``/``--slice-batch`` (Stage II) and ``--group`` (Stage IV); the former names
+    are hidden but still accepted."""
+    restore_help, infer_help = cli_run("restore", "--help").output, cli_run("infer", "--help").output
+    assert "--halo" in restore_help and "--slice-batch" in restore_help and "--group" in infer_help
+    assert "--overlap" not in restore_help and "--batch " not in restore_help and "--batch " not in infer_help
+    from d2r_dask.cli import cli
+
+    params = {p.name for p in cli.commands["restore"].params} | {p.name for p in cli.commands["infer"].params}
+    assert {"overlap", "batch"} <= params

@@ -143,7 +143,8 @@ def configure_workers(client: Any) -> None:
 
     workers = client.scheduler_info(n_workers=-1)["workers"]
     per_host = Counter(addr.rsplit(":", 1)[0] for addr in workers)
-    info = client.run(lambda: (os.cpu_count() or 1, __import__("d2r_dask.blockwise.cluster", fromlist=["x"]).gpu_count()))
+    info = client.run(lambda: (os.cpu_count() or 1,
+                               __import__("d2r_dask.blockwise.cluster", fromlist=["x"]).gpu_count()))
     threads: dict[str, int] = {}
     gpus: dict[str, int] = {}
     for addr, (cpus, n_gpu) in info.items():

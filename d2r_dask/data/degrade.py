@@ -3,7 +3,7 @@
 Axial degradation turns an isotropic volume into what a coarser z-step acquires
 (Stage III's inputs, the evaluation protocol's LR); lateral degradation does the
 same to an XY slice along one in-plane axis (Stage I's inputs). Both use the
-geometry of :mod:`d2r_dask.geometry`: ``decimate`` keeps every s-th slice,
+geometry of :mod:`d2r_dask.io.geometry`: ``decimate`` keeps every s-th slice,
 ``mean`` averages complete s-slice slabs. :func:`upsample_axis` is the inverse
 placement (LR sample k at its true HR position) used by every interpolation in
 the project: Stage I/II conditions, the interpolation baselines, evaluation.
@@ -105,7 +105,7 @@ def upsample_axis(
     """Upsample ``arr`` along ``axis`` by ``factor`` (float32), each sample at its true position.
 
     ``length`` defaults to ``n * factor``; ``mode`` is the degradation that made
-    ``arr`` (see :mod:`d2r_dask.geometry`).
+    ``arr`` (see :mod:`d2r_dask.io.geometry`).
     """
     factor, mode = check_factor(factor), check_mode(mode)
     n = arr.shape[axis]

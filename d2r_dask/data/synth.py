@@ -112,7 +112,7 @@ def _check_range(name: str, value: float, lo: float, hi: float) -> None:
 
 
 # --------------------------------------------------------------------------- hashing
-# every random choice is keyed by global coordinates through d2r_dask.noise
+# every random choice is keyed by global coordinates through d2r_dask.data.noise
 
 
 def _uniform(seed: int, stream: int, *keys: np.ndarray) -> np.ndarray:

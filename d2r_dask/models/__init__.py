@@ -1,4 +1,12 @@
 """Neural networks of d2r-dask: the 2D diffusion restorer (stages I-II) and the 3D DGEAN (stages III-IV).
 
-Pure torch: nothing here imports dask, zarr or click.
+* :mod:`.nafnet` + :mod:`.sde` -- the restorer: conditional NAFNet and the IR-SDE with its samplers.
+* :mod:`.dgean` -- DGEAN, its presets and its receptive field (the engine's halo in Stage IV).
+* :mod:`.losses` -- training losses.
+* :mod:`.config` -- strict parsing of stored model configs.
+* :mod:`.checkpoint` -- ``weights.safetensors`` + ``config.json``, and loading each family from them.
+
+Pure torch: nothing here imports dask, zarr, xarray or click. May import only
+:mod:`d2r_dask.io.geometry` (the LR <-> HR mapping), :mod:`d2r_dask.io.files` (atomic
+writes), :mod:`d2r_dask.data.intensity` and :mod:`d2r_dask.errors`.
 """

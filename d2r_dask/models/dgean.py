@@ -109,7 +109,7 @@ Radius = tuple[int, int, int]
 def hr_offsets(factor: int, mode: str) -> np.ndarray:
     """LR coordinate of HR slice ``k·s + p`` minus ``k``, for each phase ``p`` (shape ``(s,)``).
 
-    ``decimate``: ``p/s``; ``mean``: ``(p − (s−1)/2)/s`` (see :mod:`d2r_dask.geometry`).
+    ``decimate``: ``p/s``; ``mean``: ``(p − (s−1)/2)/s`` (see :mod:`d2r_dask.io.geometry`).
     """
     return np.asarray(hr_to_lr_coord(np.arange(factor), factor, mode))
 

@@ -1,13 +1,13 @@
 """Stage II: restore every XZ and YZ slice of the LR volume and fuse them into the pseudo-HR.
 
-Each engine tile is a ``(Z, Y, X)`` LR block grown by the ``halo`` (tiles overlap by twice it). The processor cuts it
-into XZ slices (one per y) and YZ slices (one per x); each slice's condition
-``mu`` is its cubic z-upsampling placed by the acquisition geometry, exactly as
-Stage I built its conditions; the restorer's reverse diffusion runs on batches of
-``slice_batch`` slices; the two orientations are averaged. Every Gaussian draw of the sampler is
-keyed by ``(seed, orientation, step, global HR voxel)``, so the result does not
-depend on chunking or worker count, and the engine's ``blend`` mode cross-fades
-tiles so no tile edge shows.
+Each engine tile is a ``(Z, Y, X)`` LR block grown by the ``halo`` (neighbouring tiles
+overlap by twice it). The processor cuts it into XZ slices (one per y) and YZ slices
+(one per x); each slice's condition ``mu`` is its cubic z-upsampling placed by the
+acquisition geometry, exactly as Stage I built its conditions; the restorer's reverse
+diffusion runs on batches of ``slice_batch`` slices; the two orientations are averaged.
+Every Gaussian draw of the sampler is keyed by ``(seed, orientation, step, global HR
+voxel)``, so the result does not depend on chunking or worker count, and the engine's
+``blend`` mode cross-fades tiles so no tile edge shows.
 """
 
 from __future__ import annotations
@@ -37,8 +37,11 @@ class RestorerProcessor:
 
     def __init__(self, directory: str, device: str, *, sampler: str | None = None, steps: int | None = None,
                  seed: int = 0, slice_batch: int = 64, orientations: Sequence[str] = ("xz", "yz"),
-                 compile: bool = False) -> None:
+                 compile: bool = False, batch: int | None = None) -> None:
         from ..models.checkpoint import load_restorer
+
+        if batch is not None:  # the option's former name
+            slice_batch = renamed("restorer option batch", "slice_batch", batch)  # type: ignore[assignment]
 
         net, self.sde, config = load_restorer(directory)
         self.device = torch.device(device)
