@@ -206,6 +206,12 @@ def _truncate_log(path: Path, step: int) -> None:
             _append_row(path, row)
 
 
+def _stack_pairs(pairs: list[tuple[np.ndarray, np.ndarray]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first and the second members of ``pairs`` as ``(N, 1, ...)`` tensors on ``device``."""
+    first, second = (torch.from_numpy(np.stack([p[i] for p in pairs])[:, None]).to(device) for i in (0, 1))
+    return first, second
+
+
 def _validation_split(n_slices: int, fraction: float = 0.1) -> tuple[tuple[int, int], tuple[int, int]]:
     """Train on the first slices, validate on the last ``fraction`` (at least one slice)."""
     n_val = max(1, int(round(n_slices * fraction)))
@@ -278,9 +284,7 @@ def train_restorer(
     def batch(src: PatchSource, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         pairs = [lateral_pair(src.read(rng, (1, rcfg.patch, rcfg.patch))[0], rcfg.factor, rcfg.mode, rng)
                  for _ in range(n)]
-        x0 = torch.from_numpy(np.stack([p[0] for p in pairs])[:, None]).to(device)
-        mu = torch.from_numpy(np.stack([p[1] for p in pairs])[:, None]).to(device)
-        return x0, mu
+        return _stack_pairs(pairs, device)  # (x0, mu)
 
     def loss_fn(net: torch.nn.Module, step: int) -> torch.Tensor:
         x0, mu = batch(source, step_rng(tcfg.seed, step), tcfg.batch_size)
@@ -384,9 +388,7 @@ def train_dgean(
 
     def batch(src: PatchSource, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         pairs = [axial_pair(src.read(rng, (depth, size, size)), s, dcfg.mode, rng) for _ in range(n)]
-        lr = torch.from_numpy(np.stack([p[0] for p in pairs])[:, None]).to(device)
-        hr = torch.from_numpy(np.stack([p[1] for p in pairs])[:, None]).to(device)
-        return lr, hr
+        return _stack_pairs(pairs, device)  # (lr, hr)
 
     def loss_fn(net: torch.nn.Module, step: int) -> torch.Tensor:
         lr, hr = batch(source, step_rng(tcfg.seed, step), tcfg.batch_size)
