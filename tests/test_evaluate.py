@@ -151,3 +151,34 @@ def test_candidate_thinner_than_the_ssim_window_is_refused(gt: tuple[Path, np.nd
         evaluate(path, {"sr": thin}, report=False)
     assert_cli_error(cli_run("evaluate", thin, path, "--out", tmp_path / "r"), "score a larger region")
     assert not (tmp_path / "r").exists()
+
+
+def test_stripes_at_the_lr_period_are_scored(gt: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    """``results[name]["stripes"]``: with the factor known, the LR-period stripe score per candidate,
+    accumulated over the same y-slabs as the other metrics; None without a factor."""
+    from d2r_dask.evaluation.metrics import axial_periodicity
+
+    path, data = gt
+    z = np.arange(data.shape[0])[:, None, None]
+    striped = np.clip(np.rint(data * (1 + 0.15 * np.cos(2 * np.pi * z / S))), 0, 255).astype(np.uint8)
+    cands = {"striped": write(tmp_path / "striped.zarr", striped, V, T0), "same": path}
+    summary = evaluate(path, cands, factor=S, slab=7, out_dir=tmp_path / "report")
+    res = summary["results"]
+    st, same = res["striped"]["stripes"], res["same"]["stripes"]
+    assert st["factor"] == S and st["freqs_per_voxel"] == [0.25, 0.5] and st["reason"] == ""
+    assert st["stripe_vs_gt"] > 3 and st["stripe_vs_xy"] > 3 and st["stripe_ratio_z"] > 3, st
+    assert same["stripe_vs_gt"] == pytest.approx(1.0, rel=1e-9)
+    assert same["stripe_vs_xy"] < 1.5 < st["stripe_vs_xy"]
+    whole = axial_periodicity(striped, S, reference=data).to_dict()  # slabs of 7 = the whole volume
+    for key in ("stripe_ratio_z", "stripe_vs_gt", "stripe_vs_xy"):
+        assert st[key] == pytest.approx(whole[key], rel=1e-9), key
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "z-stripes (vs GT / vs x)" in report and "z-stripes: spectral peak" in report
+    assert f"| {st['stripe_vs_gt']:.2f} / {st['stripe_vs_xy']:.2f} |" in report
+    assert "| 1.00 / " in report
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["results"]["striped"]["stripes"] == st
+    # without a factor (none given, none in metadata) there is no stripe score
+    assert evaluate(path, {"sr": path}, report=False)["results"]["sr"]["stripes"] is None
+    # too short along z for the factor: NaN with the reason, the rest scored
+    r = evaluate(path, {"sr": path}, factor=8, report=False)["results"]["sr"]
+    assert math.isnan(r["stripes"]["stripe_vs_gt"]) and "too few" in r["stripes"]["reason"] and r["psnr"] == math.inf

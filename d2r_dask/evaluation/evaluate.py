@@ -6,7 +6,9 @@ physically, reading y-slabs of both so memory is bounded by one slab whatever
 the volume size. Per candidate: PSNR, SSIM per orientation (XY, XZ, YZ), the
 Fourier ring correlation of XZ slices (full rings and the wedge around k_z,
 whose 1/7 crossing is the resolution along z, in nm), and a downstream check
-(agreement of membrane maps on a central crop). The report shows XY/XZ/YZ panels
+(agreement of membrane maps on a central crop), and, when the axial factor s is
+known, stripes at the LR-slice period (``metrics.axial_periodicity``: spectral
+peaks at k/s cycles/voxel along z, against the ground truth and against x). The report shows XY/XZ/YZ panels
 of every candidate at the same crop and the FRC curves.
 """
 
@@ -22,7 +24,7 @@ import numpy as np
 from ..errors import InputError
 from ..io.geometry import Box, Geometry, central_crop, check_factor, check_mode, sr_transform
 from ..io.volume import d2r_metadata, open_volume, to_dtype
-from .metrics import SSIM_WIN, MetricAccumulator, boundary_agreement, boundary_map, interpolate_z
+from .metrics import SSIM_WIN, MetricAccumulator, StripeAccumulator, boundary_agreement, boundary_map, interpolate_z
 
 log = logging.getLogger(__name__)
 INTERPOLATIONS = ("nearest", "linear", "cubic")
@@ -92,6 +94,9 @@ def evaluate(
     """Score named candidate volumes (and z-interpolations of ``lr_path``) against ``gt_path``.
 
     ``factor``/``mode`` default to what the candidates' or LR's metadata record.
+    Each result has ``"stripes"``: :meth:`metrics.StripeScore.to_dict` at that factor
+    (``stripe_ratio_z``, ``stripe_vs_gt``, ``stripe_vs_xy``, per-frequency ratios), or
+    None when the factor is unknown.
     Returns the metrics; with ``out_dir`` also writes ``metrics.json``, figures and
     ``report.md`` there.
     """
@@ -128,10 +133,11 @@ def evaluate(
     results: dict[str, Any] = {}
     for name, (reader, gt_box) in sources.items():
         log.info("scoring %s on GT region %s..%s", name, gt_box.start, gt_box.stop)
-        results[name] = _score(reader, gt, gt_box, data_range, slab)
+        results[name] = _score(reader, gt, gt_box, data_range, slab, None if factor is None else int(factor))
         r = results[name]
-        log.info("%s: PSNR %.2f dB, SSIM xy/xz/yz %.3f/%.3f/%.3f, z-resolution %.1f nm", name, r["psnr"],
-                 r["ssim"]["xy"], r["ssim"]["xz"], r["ssim"]["yz"], r["z_resolution_nm"])
+        log.info("%s: PSNR %.2f dB, SSIM xy/xz/yz %.3f/%.3f/%.3f, z-resolution %.1f nm, stripes vs GT %s", name,
+                 r["psnr"], r["ssim"]["xy"], r["ssim"]["xz"], r["ssim"]["yz"], r["z_resolution_nm"],
+                 "n/a" if r["stripes"] is None else f"{r['stripes']['stripe_vs_gt']:.2f}")
     summary = {"ground_truth": str(gt_path), "factor": factor, "mode": mode, "data_range": data_range,
                "voxel_size_nm": gt.attrs["voxel_size"], "results": results}
     if out_dir is not None:
@@ -141,15 +147,19 @@ def evaluate(
     return summary
 
 
-
-def _score(reader: Any, gt: Any, gt_box: Box, data_range: float, slab: int) -> dict[str, Any]:
+def _score(reader: Any, gt: Any, gt_box: Box, data_range: float, slab: int, factor: int | None) -> dict[str, Any]:
     acc = MetricAccumulator(data_range=data_range, voxel_size_nm=gt.attrs["voxel_size"])
+    stripes = None if factor is None else StripeAccumulator(factor)  # same slabs: each spans all of z and x
     (z0, y0, x0), (z1, y1, x1) = gt_box.start, gt_box.stop
     for y in range(y0, y1, slab):
         box = Box((z0, y, x0), (z1, min(y + slab, y1), x1))
         pred = reader.read(box).astype(np.float64)
         target = np.asarray(gt.data[box.slices].compute(scheduler="synchronous"), dtype=np.float64)
-        acc.update(np.clip(pred, 0, data_range) if np.issubdtype(gt.dtype, np.integer) else pred, target, axis=1)
+        if np.issubdtype(gt.dtype, np.integer):
+            pred = np.clip(pred, 0, data_range)
+        acc.update(pred, target, axis=1)
+        if stripes is not None:
+            stripes.update(pred, target, axis=1)
     rep = acc.result()
     crop = central_crop(gt_box, (48, 192, 192))
     pred_c = reader.read(crop).astype(np.float32)
@@ -163,4 +173,5 @@ def _score(reader: Any, gt: Any, gt_box: Box, data_range: float, slab: int) -> d
         "x_resolution_nm": rep.frc.resolution("x"),
         "boundary_dice": boundary_agreement(boundary_map(pred_c), boundary_map(gt_c)),
         "frc_xz": rep.frc.to_dict(),
+        "stripes": None if stripes is None else stripes.result().to_dict(),
     }

@@ -11,6 +11,8 @@ perpendicular to axis 0 (z), ``"xz"`` to axis 1 (y), ``"yz"`` to axis 2 (x).
   of one orientation, over full rings and over wedges around each in-plane axis; the wedge
   around ``k_z`` measures resolution along z specifically.
 - :class:`MetricAccumulator`: the same PSNR, SSIM and FRC from slabs.
+- :func:`axial_periodicity` / :class:`StripeAccumulator`: stripes at the LR-slice period
+  along z (power-spectrum peaks at k/s cycles/voxel against their neighbours, along z vs x).
 - :func:`interpolate_z`: nearest / linear / cubic z-upsampling baselines on the project's grid.
 - :func:`boundary_map` / :func:`boundary_agreement`: the downstream membrane check.
 
@@ -21,16 +23,21 @@ a report is defined in one place; each metric is a few short functions read top-
 from __future__ import annotations
 
 from collections.abc import Mapping
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import fft, interpolate, ndimage
+from scipy.signal import windows
 from scipy.signal.windows import tukey
 
 __all__ = [
     "FRCCurve",
     "MetricAccumulator",
     "MetricReport",
+    "StripeAccumulator",
+    "StripeScore",
+    "axial_periodicity",
     "boundary_agreement",
     "boundary_map",
     "frc_curve",
@@ -50,6 +57,8 @@ SSIM_PAD = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)
 SSIM_WIN = 2 * SSIM_PAD + 1
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
+
+log = logging.getLogger(__name__)
 
 _CHUNK_VOXELS = 1 << 21  # bound on float64/complex temporaries: work goes in chunks of slices
 
@@ -460,6 +469,243 @@ class MetricAccumulator:
         return MetricReport(n_voxels=n_voxels, mse=mse, psnr=_psnr_from_mse(mse, self.data_range),
                             ssim={PLANES[o]: float(self._ssim[o, 0] / self._ssim[o, 1]) for o in range(3)},
                             frc=_frc_from_sums(self._plan, self._frc))
+
+
+# --------------------------------------------------------------------------- stripes
+
+
+STRIPE_PERIODS = 16  # segment length in LR periods: n = s * 16 voxels (fewer if the volume is short)
+STRIPE_MIN_PERIODS = 4  # below 4 * s voxels along z (or x) there is no score
+STRIPE_CHANNELS = ("intensity", "sharpness")
+
+
+def _stripe_segment(factor: int, n_z: int, n_x: int) -> tuple[int, str]:
+    """Segment length (a multiple of ``factor``) for the stripe spectra, or 0 and the reason why none."""
+    if factor < 2:
+        return 0, f"factor {factor} has no LR-slice period below the sampling rate (stripes need s >= 2)"
+    periods = min(n_z, n_x - 1) // factor
+    if periods < STRIPE_MIN_PERIODS:
+        return 0, (f"{n_z} z x {n_x} x voxels are too few for stripes at period {factor} "
+                   f"(need {STRIPE_MIN_PERIODS * factor} along z and {STRIPE_MIN_PERIODS * factor + 1} along x)")
+    return factor * min(periods, STRIPE_PERIODS), ""
+
+
+def _welch_power(a: np.ndarray, axis: int, n: int, window: np.ndarray) -> np.ndarray:
+    """Sum of ``|rfft(window * (segment - mean))|^2`` over all length-``n`` segments along ``axis``
+    (half-overlapping, spread evenly from one end to the other) and over all other axes."""
+    length = a.shape[axis]
+    count = 1 + -(-(length - n) // (n // 2))
+    shape = [1] * a.ndim
+    shape[axis] = n
+    w = window.reshape(shape)
+    others = tuple(i for i in range(a.ndim) if i != axis)
+    power = np.zeros(n // 2 + 1)
+    for start in np.round(np.linspace(0, length - n, count)).astype(np.int64):
+        seg = _take(a, axis, slice(start, start + n)).astype(np.float64)
+        seg = (seg - seg.mean(axis=axis, keepdims=True)) * w
+        power += (np.abs(fft.rfft(seg, axis=axis, workers=1)) ** 2).sum(axis=others)
+    return power
+
+
+def _stripe_power(slab: np.ndarray, n: int, window: np.ndarray) -> np.ndarray:
+    """Power sums ``(channel, direction, bin)`` of one slab; direction 0 is along z, 1 along x.
+
+    ``intensity``: the volume itself, spectra along z of its (y, x) columns and along x of its
+    (z, y) rows. ``sharpness``: the squared finite difference along x, ``(dv/dx)^2``, spectra
+    along z; its reference is ``(dv/dz)^2`` along x, the same construction with x and z swapped.
+    """
+    v = slab.astype(np.float64)
+    dx2 = np.diff(v, axis=2) ** 2
+    dz2 = np.diff(v, axis=0) ** 2
+    return np.array([[_welch_power(v, 0, n, window), _welch_power(v, 2, n, window)],
+                     [_welch_power(dx2, 0, n, window), _welch_power(dz2, 2, n, window)]])
+
+
+def _peak_ratios(power: np.ndarray, factor: int) -> np.ndarray:
+    """Peak-to-local-background ratio at bins ``k n / s`` (frequencies k/s), k = 1 .. s//2.
+
+    The background at the peak is extrapolated from the bins 2 .. D away from it (D = up to 4,
+    at most half way to the next LR-slice frequency; never bins 0-1): a quadratic in the offset
+    fitted to their log-power, evaluated at the peak, so a smooth spectrum that bends (a
+    Gaussian one is a parabola in log) still scores ~1. A bin-centred line leaks only into its
+    two adjacent bins under the periodic Hann window, so the bins used are pure background. At
+    1/2 cycles/voxel (Nyquist) only the lower side exists; a real signal's spectrum is even
+    about Nyquist, so the fit there has no odd term.
+    """
+    n = 2 * (power.size - 1)
+    step = n // factor  # bins between consecutive LR-slice frequencies
+    reach = max(2, min(4, step // 2))
+    out = np.full(factor // 2, np.nan)
+    for k in range(1, factor // 2 + 1):
+        m = k * step
+        d = np.array([d for d in range(-reach, reach + 1) if abs(d) >= 2 and 2 <= m + d <= n // 2])
+        bg = power[m + d]
+        if d.size == 0 or not np.all(bg > 0) or power[m] <= 0:
+            continue
+        if 2 * m == n:  # Nyquist: even in d
+            basis = np.stack([np.ones(d.size), d**2.0], axis=1)[:, : min(2, d.size)]
+        else:
+            basis = np.stack([np.ones(d.size), d, d**2.0], axis=1)[:, : min(3, d.size)]
+        coef = np.linalg.lstsq(basis, np.log(bg), rcond=None)[0]
+        out[k - 1] = power[m] / np.exp(coef[0])
+    return out
+
+
+@dataclass(frozen=True)
+class StripeScore:
+    """Periodic z-stripes at the LR-slice period, see :func:`axial_periodicity`.
+
+    ``freqs`` are the LR-slice frequencies ``k / s`` (cycles/voxel). Per channel
+    (``"intensity"``, ``"sharpness"``) and frequency: ``ratio_z`` the candidate's
+    peak-to-background ratio along z, ``ratio_x`` the same along x, ``ratio_gt`` the ground
+    truth's along z (NaN without one). The headline numbers take the worst (largest) value over
+    channels and frequencies: ``stripe_ratio_z``, ``stripe_vs_xy`` = max of ratio_z / ratio_x,
+    ``stripe_vs_gt`` = max of ratio_z / ratio_gt. All NaN, with ``reason``, when not computable.
+    """
+
+    factor: int
+    segment: int
+    freqs: np.ndarray
+    ratio_z: Mapping[str, np.ndarray]
+    ratio_x: Mapping[str, np.ndarray]
+    ratio_gt: Mapping[str, np.ndarray]
+    reason: str = ""
+
+    @staticmethod
+    def _worst(values: list[np.ndarray]) -> float:
+        v = np.concatenate([np.ravel(a) for a in values]) if values else np.zeros(0)
+        v = v[np.isfinite(v)]
+        return float(v.max()) if v.size else float("nan")
+
+    @property
+    def stripe_ratio_z(self) -> float:
+        return self._worst([self.ratio_z[c] for c in self.ratio_z])
+
+    @property
+    def stripe_vs_xy(self) -> float:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self._worst([self.ratio_z[c] / self.ratio_x[c] for c in self.ratio_z])
+
+    @property
+    def stripe_vs_gt(self) -> float:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self._worst([self.ratio_z[c] / self.ratio_gt[c] for c in self.ratio_z])
+
+    def to_dict(self) -> dict:
+        def listed(m: Mapping[str, np.ndarray]) -> dict:
+            return {c: [float(x) for x in v] for c, v in m.items()}
+
+        return {"factor": self.factor, "segment": self.segment, "freqs_per_voxel": [float(f) for f in self.freqs],
+                "stripe_ratio_z": self.stripe_ratio_z, "stripe_vs_gt": self.stripe_vs_gt,
+                "stripe_vs_xy": self.stripe_vs_xy, "ratio_z": listed(self.ratio_z),
+                "ratio_x": listed(self.ratio_x), "ratio_gt": listed(self.ratio_gt), "reason": self.reason}
+
+
+class StripeAccumulator:
+    """The power spectra of :func:`axial_periodicity` from y-slabs (or x-slabs) of a volume.
+
+    Every slab must span the full z and x extents (``update(pred, target, axis=1)``, as
+    :meth:`MetricAccumulator.update` takes them); the spectra are sums over independent
+    (y, x) columns and (z, y) rows, so any split along y gives the whole-volume numbers up to
+    summation order. x-slabs (``axis=2``) are taken with y as the in-plane reference
+    direction instead of x. Memory: one slab and a few spectra.
+    """
+
+    def __init__(self, factor: int) -> None:
+        if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1:
+            raise ValueError(f"factor must be a positive integer, got {factor!r}")
+        self.factor = int(factor)
+        self._shape: tuple[int, int] | None = None  # (z, x) extents
+        self._n = 0
+        self._reason = ""
+        self._window = np.zeros(0)
+        self._pred = np.zeros(0)
+        self._target: np.ndarray | None = None
+
+    def update(self, pred_slab: np.ndarray, target_slab: np.ndarray | None = None, axis: int = 1) -> None:
+        """Add the next slab of the candidate (and of the ground truth, if there is one)."""
+        pred_slab = _check_volume("pred", pred_slab)
+        if _check_axis(axis) == 0:
+            raise ValueError("stripes need the full z extent in every slab: cut slabs along y (1) or x (2)")
+        if axis == 2:  # x-slabs: swap x and y, so z and x stay whole
+            pred_slab = pred_slab.transpose(0, 2, 1)
+            target_slab = None if target_slab is None else np.asarray(target_slab).transpose(0, 2, 1)
+        if target_slab is not None:
+            pred_slab, target_slab = _check_pair(pred_slab, target_slab)
+        extents = (pred_slab.shape[0], pred_slab.shape[2])
+        if self._shape is None:
+            self._shape = extents
+            self._n, self._reason = _stripe_segment(self.factor, *extents)
+            if self._n:
+                self._window = windows.hann(self._n, sym=False)
+                self._pred = np.zeros((2, 2, self._n // 2 + 1))
+                self._target = None if target_slab is None else np.zeros_like(self._pred)
+        elif extents != self._shape:
+            raise ValueError(f"slabs must all span the same z and x extents {self._shape}, got {extents}")
+        elif (target_slab is None) != (self._target is None) and self._n:
+            raise ValueError("give a target slab with every update or with none")
+        if not self._n:
+            return
+        self._pred += _stripe_power(pred_slab, self._n, self._window)
+        if target_slab is not None:
+            self._target += _stripe_power(target_slab, self._n, self._window)
+
+    def result(self) -> StripeScore:
+        if self._shape is None:
+            raise ValueError("no slabs were added; call update() first")
+        s = self.factor
+        freqs = np.arange(1, s // 2 + 1) / s
+        if not self._n:
+            log.info("stripe score skipped: %s", self._reason)
+            nan = {c: np.full(freqs.size, np.nan) for c in STRIPE_CHANNELS}
+            return StripeScore(s, 0, freqs, nan, nan, nan, self._reason)
+        rz = {c: _peak_ratios(self._pred[i, 0], s) for i, c in enumerate(STRIPE_CHANNELS)}
+        rx = {c: _peak_ratios(self._pred[i, 1], s) for i, c in enumerate(STRIPE_CHANNELS)}
+        rg = {c: (np.full(freqs.size, np.nan) if self._target is None else _peak_ratios(self._target[i, 0], s))
+              for i, c in enumerate(STRIPE_CHANNELS)}
+        return StripeScore(s, self._n, freqs, rz, rx, rg)
+
+
+def axial_periodicity(volume: np.ndarray, factor: int, *, reference: np.ndarray | None = None) -> StripeScore:
+    """How strongly ``volume`` is modulated at the LR-slice period ``factor`` along z: stripes.
+
+    **What.** A z-super-resolved volume is rebuilt from LR slices every ``s = factor`` HR
+    slices. If the method treats voxels at and between LR slices differently, XZ/YZ slices show
+    horizontal stripes with period ``s``: the volume's spectrum along z gets lines at the
+    LR-slice frequencies ``k / s`` cycles/voxel (k = 1 .. s//2, the last at 1/2 when s is even),
+    where an isotropic, unstriped volume has a smooth spectrum.
+
+    **How.** Power spectra (Welch: half-overlapping segments of ``n = s * min(16, z // s)``
+    voxels, each with its mean removed and a periodic Hann window, ``|rfft|^2`` summed over all
+    segments and columns) in two channels, along z and, as the reference the truth offers
+    (the voxels are isotropic), along x over the same segment length:
+
+    - ``intensity``: the volume itself; brightness modulated from slice to slice.
+    - ``sharpness``: ``(dv/dx)^2``, along z (reference ``(dv/dz)^2`` along x): in-plane detail
+      modulated from slice to slice, e.g. sharp LR slices and blurred slices between them
+      (linear interpolation), which leaves the mean brightness, hence the intensity channel, flat.
+
+    Because ``n`` is a multiple of ``s``, every ``k / s`` falls on a bin, and the window keeps
+    a line within that bin and its two neighbours. The score per frequency is the power in the
+    bin over the background there, extrapolated (quadratic in log-power) from the bins 2..4
+    away on either side (see ``_peak_ratios``).
+
+    **Reading the numbers.** A ratio of ~1 means a smooth spectrum: no stripes. 2 means the
+    bin holds twice the local background; a visible stripe pattern scores >> 1 (a line's
+    ratio grows with ``n``, so compare volumes at the same factor; short volumes are less
+    sensitive). Below 1 is a notch (linear interpolation has one at ``k / s``) and is no
+    stripe. In :class:`StripeScore`, ``stripe_ratio_z`` is the worst z ratio;
+    ``stripe_vs_gt`` divides it by the ground truth's (``reference``) at the same frequency
+    and channel (~1: no excess stripes; the truth may have its own acquisition periodicities);
+    ``stripe_vs_xy`` divides it by the volume's own x ratio (~1 without ground truth too).
+    At Nyquist (1/2) the background comes from one side only (the spectrum is mirrored there).
+
+    Volumes shorter than ``4 s`` along z (or ``4 s + 1`` along x), and ``factor`` 1, give
+    NaN everywhere with the reason in ``StripeScore.reason`` (and logged).
+    """
+    acc = StripeAccumulator(factor)
+    acc.update(volume, reference, axis=1)
+    return acc.result()
 
 
 # --------------------------------------------------------------------------- baselines
