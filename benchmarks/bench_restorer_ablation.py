@@ -230,7 +230,7 @@ def markdown(payload: dict[str, Any]) -> str:
             m = rec["methods"].get(key)
             if m:
                 sc = m.get("self_check") or {}
-                lines.append(f"- {_label(key, refine).split(',')[1].strip()} recipe: probe {m['probe_steps']} steps "
+                lines.append(f"- {_label(key, refine).split(',')[1].strip()}: probe {m['probe_steps']} steps "
                              f"in {m['probe_seconds']} s ({m['sec_per_step']:.3f} s/step) -> {m['steps']} steps, "
                              f"trained {m['train_seconds']} s; preset `{m['preset']}`, batch {m['batch']} x "
                              f"{m['patch']}^2, lr {m['lr']}; Stage I self-check: "
