@@ -5,8 +5,8 @@ ground truth (GT). For each axial factor ``s`` the LR input is the GT decimated 
 (``gt[::s]``, voxel ``10 s x 10 x 10`` nm); no method ever sees the GT. Every learned method
 gets the same wall-clock training budget (``--minutes``) on the same threads:
 
-* **D2R restorer, fast recipe (ours)**: x0 prediction, predict-and-refine. A 10-step probe
-  measures seconds per step; the run then trains ``budget / sec_per_step`` steps. Stage II
+* **D2R restorer, fast recipe (ours)**: x0 prediction, predict-and-refine. Two short probes (n and 2n
+  steps) measure seconds per step without a run's fixed costs; the run then trains ``budget / sec_per_step`` steps. Stage II
   (XZ + YZ slices of the whole LR volume, fused) with its default sampler ``posterior@1`` and
   again with ``posterior@--refine-steps``;
 * **D2R restorer, authors' recipe**: noise prediction, ``t`` uniform; same budget logic;
@@ -70,13 +70,18 @@ def _train_restorer_budget(lr: Path, wd: Path, name: str, rcfg: Any, budget_s: f
         return TrainConfig(steps=steps, batch_size=args.batch, lr=lr_rate, seed=args.seed, device="cpu",
                            val_every=steps, checkpoint_every=steps)
 
+    # two probes, n and 2n steps: their difference is the cost of n steps without the fixed cost of a
+    # run (its one validation, which samples with the recipe's sampler, and its checkpoint)
+    n = args.probe_steps
     t0 = time.perf_counter()
-    probe = train_restorer(lr, probe_dir, rcfg, tcfg(args.probe_steps), overwrite=True, progress=False)
+    short = train_restorer(lr, probe_dir, rcfg, tcfg(n), overwrite=True, progress=False)
+    long = train_restorer(lr, probe_dir, rcfg, tcfg(2 * n), overwrite=True, progress=False)
     probe_wall = time.perf_counter() - t0
-    sec_per_step = probe["seconds"] / args.probe_steps
+    sec_per_step = max(1e-3, (long["seconds"] - short["seconds"]) / n)
+    probe = {"seconds": long["seconds"]}
     steps = max(1, int(budget_s / sec_per_step))
-    log.info("%s: probe %d steps in %.2f s (%.3f s/step) -> %d steps for %.0f s", name, args.probe_steps,
-             probe["seconds"], sec_per_step, steps, budget_s)
+    log.info("%s: probes of %d and %d steps: %.3f s/step -> %d steps for %.0f s", name, n, 2 * n, sec_per_step,
+             steps, budget_s)
     t0 = time.perf_counter()
     summary = train_restorer(lr, model_dir, rcfg, tcfg(steps), overwrite=True, progress=args.progress)
     wall = time.perf_counter() - t0

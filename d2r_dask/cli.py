@@ -172,7 +172,8 @@ def _train_options(f: Any) -> Any:
         click.option("--steps", type=int, default=2000, help="Training steps."),
         click.option("--batch-size", type=int, default=4),
         click.option("--lr", "learning_rate", type=float, default=None,
-                     help="AdamW learning rate [default: 4e-5 for the full restorer, else 2e-4]."),
+                     help="AdamW learning rate [default: the recipe's and preset's, see `default_restorer_lr`; "
+                          "1e-3 for DGEAN]."),
         click.option("--ema", type=float, default=0.995, help="EMA decay of the saved weights."),
         click.option("--checkpoint-every", type=int, default=250),
         click.option("--val-every", type=int, default=250),
@@ -186,10 +187,10 @@ def _train_options(f: Any) -> Any:
 
 
 def _train_config(steps: int, batch_size: int, learning_rate: float | None, ema: float, checkpoint_every: int,
-                  val_every: int, seed: int, device: str | None, default_lr: float) -> Any:
+                  val_every: int, seed: int, device: str | None) -> Any:
     from .stages.train import TrainConfig
 
-    return TrainConfig(steps=steps, batch_size=batch_size, lr=learning_rate or default_lr, ema=ema,
+    return TrainConfig(steps=steps, batch_size=batch_size, lr=learning_rate, ema=ema,
                        checkpoint_every=checkpoint_every, val_every=val_every, seed=seed, device=device)
 
 
@@ -201,24 +202,45 @@ def _train_config(steps: int, batch_size: int, learning_rate: float | None, ema:
               help="How z was acquired (and how XY patches are degraded).")
 @click.option("--preset", type=click.Choice(["tiny", "small", "full"]), default="tiny", help="Network size.")
 @click.option("--patch", type=int, default=64, help="XY patch side.")
-@click.option("--sampler", type=click.Choice(["sde", "ddim", "posterior"]), default="posterior",
-              help="Default Stage II sampler saved with the model.")
-@click.option("--sampler-steps", type=int, default=5,
-              help="Network evaluations of that sampler (posterior@5 is within 0.2 dB of the authors' sde@100).")
+@click.option("--recipe", type=click.Choice(["fast", "authors"]), default="fast", show_default=True,
+              help="fast: x0 prediction, predict-and-refine (ours); authors: noise prediction, t uniform in 1..T.")
+@click.option("--sampler", type=click.Choice(["sde", "ddim", "posterior"]), default=None,
+              help="Stage II sampler saved with the model [default: posterior for fast, sde for authors].")
+@click.option("--sampler-steps", type=int, default=None,
+              help="Network evaluations of that sampler [default: 1 for fast (its mean prediction), "
+                   "100 for authors].")
 @_train_options
-def train_restorer_cmd(lr_volume: Path, factor: int, out: Path, mode: str, preset: str, patch: int, sampler: str,
-                       sampler_steps: int, steps: int, batch_size: int, learning_rate: float | None, ema: float,
-                       checkpoint_every: int, val_every: int, seed: int, device: str | None, resume: bool,
-                       overwrite: bool) -> None:
-    """Stage I: train the diffusion restorer on XY patches of LR_VOLUME."""
+def train_restorer_cmd(lr_volume: Path, factor: int, out: Path, mode: str, preset: str, patch: int, recipe: str,
+                       sampler: str | None, sampler_steps: int | None, steps: int, batch_size: int,
+                       learning_rate: float | None, ema: float, checkpoint_every: int, val_every: int, seed: int,
+                       device: str | None, resume: bool, overwrite: bool) -> None:
+    """Stage I: train the diffusion restorer on XY patches of LR_VOLUME.
+
+    Every validation scores the restorer on held-out XY patches degraded like z, next to
+    linear and cubic interpolation of the same patches (metrics.csv); a restorer that does
+    not beat interpolation is reported with a warning.
+    """
     from .stages.train import RestorerConfig, train_restorer
 
-    tcfg = _train_config(steps, batch_size, learning_rate, ema, checkpoint_every, val_every, seed, device,
-                         4e-5 if preset == "full" else 2e-4)
-    rcfg = RestorerConfig(factor=factor, mode=mode, preset=preset, patch=patch, sampler=sampler,
-                          sampler_steps=None if sampler == "sde" and sampler_steps == 100 else sampler_steps)
+    rcfg = RestorerConfig(factor=factor, mode=mode, preset=preset, patch=patch, recipe=recipe, sampler=sampler,
+                          sampler_steps=sampler_steps)
+    tcfg = _train_config(steps, batch_size, learning_rate, ema, checkpoint_every, val_every, seed, device)
     summary = train_restorer(lr_volume, out, rcfg, tcfg, resume=resume, overwrite=overwrite)
     click.echo(f"restorer saved to {out} ({summary['steps']} steps, {summary['seconds']:.0f} s)")
+    _echo_self_check("restorer", summary.get("self_check"))
+
+
+def _echo_self_check(name: str, check: dict[str, Any] | None) -> None:
+    """One line: the model against interpolation on its held-out patches (loud if it loses)."""
+    if check is None:
+        return
+    line = (f"  {name} self-check (held-out patches degraded like z): {check['psnr']:.2f} dB / SSIM "
+            f"{check['ssim']:.3f} vs {check['interpolation']} {check['psnr_interpolation']:.2f} dB / "
+            f"{check['ssim_interpolation']:.3f} ({check['margin_db']:+.2f} dB)")
+    if check["beats_interpolation"]:
+        click.echo(line)
+    else:
+        click.secho(line + "  WARNING: does not beat interpolation", fg="red", err=True)
 
 
 @cli.command("train-dgean")
@@ -241,11 +263,12 @@ def train_dgean_cmd(hr_volume: Path, factor: int, out: Path, mode: str, preset: 
     """Stage III: train DGEAN on the pseudo-HR volume (degraded along z -> original)."""
     from .stages.train import DGEANTrainConfig, train_dgean
 
-    tcfg = _train_config(steps, batch_size, learning_rate, ema, checkpoint_every, val_every, seed, device, 2e-4)
+    tcfg = _train_config(steps, batch_size, learning_rate, ema, checkpoint_every, val_every, seed, device)
     dcfg = DGEANTrainConfig(factor=factor, mode=mode, preset=preset, patch_xy=patch_xy, patch_lr_z=patch_lr_z,
                             hf_weight=hf_weight, supervised=supervised is not None)
     summary = train_dgean(supervised or hr_volume, out, dcfg, tcfg, resume=resume, overwrite=overwrite)
     click.echo(f"DGEAN saved to {out} ({summary['steps']} steps, {summary['seconds']:.0f} s)")
+    _echo_self_check("dgean", summary.get("self_check"))
 
 
 def _deprecated_option(old: str, new: str, old_value: Any, value: Any) -> Any:
@@ -353,10 +376,12 @@ def _run_overrides(factor: int | None, mode: str | None, seed: int | None, devic
               help="YAML/TOML file with any option of `d2r config show`; flags override it.")
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
               help="Stage artifacts and run.json [default: SR name + .d2r-work, next to SR].")
-@click.option("--restorer-steps", type=int, default=None, help="Stage I training steps.")
-@click.option("--dgean-steps", type=int, default=None, help="Stage III training steps.")
-@click.option("--restorer-preset", type=click.Choice(["tiny", "small", "full"]), default=None)
-@click.option("--dgean-preset", type=click.Choice(["tiny", "base", "full"]), default=None)
+@click.option("--restorer-steps", type=int, default=None, help="Stage I training steps [default: by device].")
+@click.option("--dgean-steps", type=int, default=None, help="Stage III training steps [default: by device].")
+@click.option("--restorer-preset", type=click.Choice(["auto", "tiny", "small", "full"]), default=None,
+              help="Restorer size [default: auto: tiny on a CPU, full on a GPU].")
+@click.option("--dgean-preset", type=click.Choice(["auto", "tiny", "base", "full"]), default=None,
+              help="DGEAN size [default: auto: tiny on a CPU, full on a GPU].")
 @roi_option
 @click.option("--tta", is_flag=True, help="Stage IV test-time averaging (8x slower).")
 @click.option("--seed", type=int, default=None)
@@ -395,6 +420,8 @@ def run(lr_volume: Path, output: Path, factor: int | None, mode: str | None, con
                               overwrite=overwrite, levels=levels)
     for name, entry in record["stages"].items():
         click.echo(f"  {name:10s} {entry['status']:8s} {entry['seconds']:8.1f} s")
+    for name in ("restorer", "dgean"):
+        _echo_self_check(name, record["stages"].get(name, {}).get("self_check"))
     click.echo(f"wrote {output}")
 
 

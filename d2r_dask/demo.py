@@ -24,15 +24,15 @@ DEMO_VOXEL_NM = (8.0, 8.0, 8.0)
 
 def demo_config(factor: int = 4, *, quick: bool = False) -> RunConfig:
     """Tiny presets and short training: ~10 minutes on 2 CPU cores (``quick``: ~1 minute, for tests)."""
-    steps = 8 if quick else 300
+    steps = 8 if quick else 600
     # Stage II covers a (24, 96, 96) LR region in four tiles spanning all of z (no z-halo needed)
     return RunConfig(
         factor=factor,
-        restorer=RestorerStage(steps=steps, batch_size=4 if quick else 8, patch=32 if quick else 64,
-                               sampler_steps=2 if quick else 5),
+        restorer=RestorerStage(preset="tiny", steps=steps, batch_size=4 if quick else 8, patch=32 if quick else 64,
+                               sampler_steps=2 if quick else 1),
         restore=RestoreStage(max_roi=(8, 32, 32) if quick else (24, 96, 96),
                              block=(8, 32, 32) if quick else (24, 48, 48), halo=(0, 8, 8)),
-        dgean=DGEANStage(steps=steps, batch_size=2 if quick else 4, patch_xy=24 if quick else 48,
+        dgean=DGEANStage(preset="tiny", steps=steps, batch_size=2 if quick else 4, patch_xy=24 if quick else 48,
                          patch_lr_z=4 if quick else 8),
     )
 

@@ -34,8 +34,7 @@ def tiny_train(**overrides: Any) -> Any:
 def tiny_restorer_cfg(factor: int = 4, mode: str = "decimate", **overrides: Any) -> Any:
     from d2r_dask.stages.train import RestorerConfig
 
-    return RestorerConfig(**{"factor": factor, "mode": mode, "patch": 32, "sampler_steps": 2,
-                             "val_sampler_steps": 1, **overrides})
+    return RestorerConfig(**{"factor": factor, "mode": mode, "patch": 32, "sampler_steps": 2, **overrides})
 
 
 def tiny_dgean_cfg(factor: int = 4, mode: str = "decimate", **overrides: Any) -> Any:

@@ -42,6 +42,7 @@ from d2r_dask.stages.config import (
     RunConfig,
     config_template,
     load_config_file,
+    resolve_auto,
     upgrade_config,
 )
 from d2r_dask.stages.pipeline import STAGES, default_workdir, plan, run
@@ -127,7 +128,7 @@ def test_run_writes_sr_and_a_record(reference: dict[str, Any], lr: Path) -> None
     record = json.loads((default_workdir(out) / "run.json").read_text())
     assert record == json.loads(json.dumps(reference["record"], default=str))
     assert record["finished"] is True
-    assert record["config"] == tiny_config().to_dict()
+    assert record["config"] == resolve_auto(tiny_config(), "cpu").to_dict()  # presets resolved for the device
     assert record["input"] == str(lr.resolve()) and record["output"] == str(out.resolve())
     assert {"d2r_dask", "python", "torch", "dask", "zarr", "numpy"} <= set(record["versions"])
     assert record["versions"]["torch"] == torch.__version__

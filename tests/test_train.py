@@ -33,12 +33,14 @@ from d2r_testkit import (
 from d2r_dask.stages import train as train_mod
 from d2r_dask.models.checkpoint import CONFIG, TRAIN_STATE, WEIGHTS, load_dgean, load_restorer, read_config, read_weights
 from d2r_dask.data.degrade import degrade_along, upsample_axis
+from d2r_dask.data.intensity import Intensity
 from d2r_dask.errors import CheckpointError, InputError, OutputExistsError
 from d2r_dask.data.patches import PatchSource, axial_pair, lateral_pair, step_rng
 from d2r_dask.stages.train import train_dgean, train_restorer
 
 KINDS = ("restorer", "dgean")
-VAL_COLUMNS = {"restorer": ("val_psnr", "val_ssim"), "dgean": ("val_psnr", "val_ssim_xz")}
+VAL_COLUMNS = {"restorer": ("val_psnr", "val_ssim", "val_psnr_linear", "val_psnr_cubic"),
+               "dgean": ("val_psnr", "val_ssim", "val_psnr_linear", "val_ssim_linear")}
 
 
 @pytest.fixture(scope="module")
@@ -78,14 +80,15 @@ def test_training_run_writes_checkpoint_metrics_and_panels(kind: str, models: di
     assert config["kind"] == kind
     assert config["preset"] == "tiny"
     assert config["factor"] == 4 and config["mode"] == "decimate"
-    assert config["intensity"] == {"low": 0.0, "high": 255.0}  # uint8: the dtype's range
+    low, high = config["intensity"]["low"], config["intensity"]["high"]  # robust percentiles of the volume
+    assert 0.0 <= low < high <= 255.0 and high - low > 50
     assert config["step"] == 4 and config["train"]["steps"] == 4
     state = torch.load(out / TRAIN_STATE, weights_only=False)
     assert {"model", "ema", "optimizer", "scheduler", "step"} <= set(state) and state["step"] == 4
     assert (out / "validation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     log = rows(out / "metrics.csv")
     assert [int(r["step"]) for r in log] == [2, 4]
-    psnr_col, ssim_col = VAL_COLUMNS[kind]
+    psnr_col, ssim_col = VAL_COLUMNS[kind][:2]
     for r in log:
         assert np.isfinite(float(r["train_loss"])) and float(r["train_loss"]) >= 0
         assert 0 < float(r[psnr_col]) < 100
@@ -343,7 +346,7 @@ def test_axial_pair_degrades_the_target_like_the_acquisition(mode: str) -> None:
 def test_patch_source_reads_one_patch_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = synth_array((12, 40, 40), seed=8)
     path = write(tmp_path / "v.zarr", data, chunks=(4, 8, 8))
-    source = PatchSource(path)
+    source = PatchSource(path, intensity=Intensity(0.0, 255.0))
     requested: list[int] = []
     real_getitem = zarr.Array.__getitem__
 
@@ -381,3 +384,26 @@ def test_dgean_patch_too_shallow_for_the_network_is_a_clear_error(tmp_path: Path
     hr = write(tmp_path / "hr.zarr", synth_array((16, 24, 24), seed=9), voxel_size=(10.0, 10.0, 10.0))
     with pytest.raises(InputError, match="patch"):
         train_dgean(hr, tmp_path / "d", tiny_dgean_cfg(patch_lr_z=2), tiny_train(steps=1), progress=False)
+
+
+class _Payload:
+    """Unpickling this would run code: it must never be unpickled from a training state."""
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (Path.touch, (str(_MARKER),))
+
+
+_MARKER = Path("/tmp/d2r-unsafe-unpickle-ran")
+
+
+def test_training_state_is_loaded_without_running_pickled_code(tmp_path: Path) -> None:
+    from d2r_dask.models.checkpoint import read_train_state
+
+    _MARKER.unlink(missing_ok=True)
+    torch.save({"step": 3, "payload": _Payload()}, tmp_path / TRAIN_STATE)
+    with pytest.raises(CheckpointError, match="not a d2r training state"):
+        read_train_state(tmp_path)
+    assert not _MARKER.exists(), "a crafted train_state.pt ran code"
+    torch.save({"step": 3, "model": {"w": torch.ones(2)}, "losses": [0.1], "config": {"kind": "dgean"}},
+               tmp_path / TRAIN_STATE)
+    assert read_train_state(tmp_path)["step"] == 3  # plain state dicts and values still load

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..io.geometry import Box, Geometry, central_crop, check_factor, check_mode, sr_transform
+from .selfcheck import read_self_check
 from ..io.volume import d2r_metadata, open_volume, to_dtype
 from .metrics import SSIM_WIN, MetricAccumulator, StripeAccumulator, boundary_agreement, boundary_map, interpolate_z
 
@@ -94,7 +95,8 @@ def evaluate(
     """Score named candidate volumes (and z-interpolations of ``lr_path``) against ``gt_path``.
 
     ``factor``/``mode`` default to what the candidates' or LR's metadata record.
-    Each result has ``"stripes"``: :meth:`metrics.StripeScore.to_dict` at that factor
+    A result written by a d2r model also has ``"self_check"``: that model's own verdict against
+    interpolation on held-out patches during training (:mod:`.selfcheck`). Each result has ``"stripes"``: :meth:`metrics.StripeScore.to_dict` at that factor
     (``stripe_ratio_z``, ``stripe_vs_gt``, ``stripe_vs_xy``, per-frequency ratios), or
     None when the factor is unknown.
     Returns the metrics; with ``out_dir`` also writes ``metrics.json``, figures and
@@ -103,11 +105,14 @@ def evaluate(
     gt = open_volume(gt_path)
     data_range = float(np.iinfo(gt.dtype).max) if np.issubdtype(gt.dtype, np.integer) else 1.0
     sources: dict[str, tuple[Any, Box]] = {}
+    checks: dict[str, Any] = {}
     for name, path in candidates.items():
         vol = open_volume(path)
         vol_box, gt_box = overlap_box(Geometry.of(vol), vol.shape, gt, str(path))
         sources[name] = (_Stored(vol, np.subtract(vol_box.start, gt_box.start)), gt_box)
         meta = d2r_metadata(path)
+        if meta.get("model"):  # the model that wrote it: its training self-check (no ground truth)
+            checks[name] = read_self_check(meta["model"])
         factor = factor or meta.get("factor")
         mode = mode or meta.get("mode")
     if lr_path is not None:
@@ -135,6 +140,7 @@ def evaluate(
         log.info("scoring %s on GT region %s..%s", name, gt_box.start, gt_box.stop)
         results[name] = _score(reader, gt, gt_box, data_range, slab, None if factor is None else int(factor))
         r = results[name]
+        r["self_check"] = checks.get(name)
         log.info("%s: PSNR %.2f dB, SSIM xy/xz/yz %.3f/%.3f/%.3f, z-resolution %.1f nm, stripes vs GT %s", name,
                  r["psnr"], r["ssim"]["xy"], r["ssim"]["xz"], r["ssim"]["yz"], r["z_resolution_nm"],
                  "n/a" if r["stripes"] is None else f"{r['stripes']['stripe_vs_gt']:.2f}")

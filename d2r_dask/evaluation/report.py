@@ -100,6 +100,18 @@ def write_report(out_dir: Path, summary: Mapping[str, Any], gt: Any, sources: Ma
     lines += ["", "z-stripes: spectral peak at the LR-slice period along z (k/s cycles/voxel) relative to the "
               "ground truth's / to the same result's along x; ~1 is none, above ~1.5 look for stripes in XZ/YZ "
               "(linear interpolation scores ~4); n/a without a factor or with under 4s slices."]
+    checked = [n for n in names if summary["results"][n].get("self_check")]
+    if checked:
+        lines += ["", "## Self-check of the models (no ground truth)", "",
+                  "Each model scored during training on held-out patches of its own input degraded like z, "
+                  "next to the best interpolation of the same patches.", "",
+                  "| result | model PSNR (dB) | interpolation PSNR (dB) | margin (dB) | model SSIM | "
+                  "interpolation SSIM | verdict |", "|---|---|---|---|---|---|---|"]
+        for name in checked:
+            c = summary["results"][name]["self_check"]
+            verdict = "beats interpolation" if c["beats_interpolation"] else "**does not beat interpolation**"
+            lines.append(f"| {name} | {c['psnr']:.2f} | {c['psnr_interpolation']:.2f} ({c['interpolation']}) "
+                         f"| {c['margin_db']:+.2f} | {c['ssim']:.3f} | {c['ssim_interpolation']:.3f} | {verdict} |")
     for caption, fname in figures:
         lines += ["", f"## {caption}", "", f"![{caption}]({fname})"]
     lines += ["", "Metrics are computed blockwise (y-slabs); the full numbers and FRC curves are in `metrics.json`.", ""]

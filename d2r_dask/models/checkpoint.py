@@ -102,9 +102,11 @@ def read_train_state(directory: str | os.PathLike) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        # tensors, numbers, strings and containers only: a crafted file cannot run code
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path} is corrupt ({exc}); delete it to restart training from scratch") from exc
+        raise CheckpointError(f"{path} is corrupt or not a d2r training state ({str(exc).splitlines()[0]}); "
+                              "delete it to restart training from scratch") from exc
 
 
 # --- the two model families' checkpoints ------------------------------------------------

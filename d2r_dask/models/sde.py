@@ -12,8 +12,17 @@ Time is discrete, ``t = 0..T``, with one unit of time per step: the authors' ``t
 ``exp(-theta_bar_T) = eps`` and ``sigma_bar_T ~= sigma_max``: ``x_T`` is ``mu`` plus stationary
 noise. All schedule arithmetic is float64 and cast to the inputs' dtype and device at use.
 
-The network predicts the noise ``z`` of ``x_t``; ``training_loss`` is IR-SDE's maximum-likelihood
-objective (L1 between the Euler-Maruyama mean of ``x_{t-1}`` and the optimal ``x_{t-1}``).
+Two parameterisations (``SDEConfig.prediction``):
+
+- ``"noise"`` (the authors'): the network predicts the noise ``z`` of ``x_t``; ``training_loss``
+  is IR-SDE's maximum-likelihood objective (L1 between the Euler-Maruyama mean of ``x_{t-1}``
+  and the optimal ``x_{t-1}``), ``t`` uniform in ``1..T``.
+- ``"x0"`` (ours, *predict-and-refine*): the network predicts the clean image as a residual on
+  the condition, ``x0_hat = mu + net(...)``, trained with an L1 on ``x0_hat`` at the timesteps
+  the few-step sampler visits (``train_times``), half of each batch at ``t = T``. At ``t = T``
+  the state carries no trace of ``x0``, so the first sampler step is a deterministic mean
+  predictor; later steps refine it. This learns in minutes what the noise objective needs
+  hundreds of thousands of steps for (``benchmarks/results/restorer_ablation.md``).
 ``sample`` runs the authors' reverse SDE (``"sde"``) or one of two samplers that need fewer
 network evaluations (``"ddim"``, ``"posterior"``), all drawing their Gaussian noise through an
 injectable ``noise_fn`` so a blockwise engine can key it by voxel coordinates.
@@ -33,10 +42,12 @@ from .config import config_from_dict
 NoiseFn = Callable[[int, torch.Size], torch.Tensor]
 """``noise_fn(step_index, shape)`` -> standard-normal tensor of ``shape`` (see ``IRSDE.sample``)."""
 NoisePredictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""``model(concat(x_t - mu, mu), t)`` -> predicted noise, e.g. a ``ConditionalNAFNet``."""
+"""``model(concat(x_t - mu, mu), t)`` -> the predicted noise, or the ``x0 - mu`` residual
+(``SDEConfig.prediction``), e.g. a ``ConditionalNAFNet``."""
 
 SCHEDULES = ("cosine",)
 SAMPLERS = ("sde", "ddim", "posterior")
+PREDICTIONS = ("noise", "x0")
 
 
 @dataclass(frozen=True)
@@ -48,8 +59,11 @@ class SDEConfig:
     schedule: str = "cosine"
     cosine_s: float = 0.008
     eps: float = 0.005
+    prediction: str = "noise"
 
     def __post_init__(self) -> None:
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {self.prediction!r}; choose one of {PREDICTIONS}")
         if not isinstance(self.T, int) or isinstance(self.T, bool) or self.T < 1:
             raise ValueError(f"T must be an integer >= 1, got {self.T!r}")
         if not self.sigma_max > 0:
@@ -84,6 +98,10 @@ class IRSDE:
     ``theta_bars`` (cumulative), ``sigmas`` (per-step diffusion), ``sigma_bars`` (marginal
     std). Methods take ``t`` as a Python int or a (B,) integer tensor on the inputs' device.
     """
+
+    X0_RANGE = (-0.5, 1.5)
+    """Where callers clamp the x0 estimate, in unit intensities: wide enough that the tails beyond
+    the intensity mapping's percentiles survive, tight enough to stop a diverging sample."""
 
     def __init__(self, config: SDEConfig | None = None) -> None:
         self.config = config or SDEConfig()
@@ -179,22 +197,38 @@ class IRSDE:
         mu: torch.Tensor,
         *,
         generator: torch.Generator | None = None,
+        train_times: list[int] | None = None,
     ) -> torch.Tensor:
-        """IR-SDE maximum-likelihood loss on a batch ``x0, mu`` of shape (B, C, H, W).
+        """The training loss of a batch ``x0, mu`` of shape (B, C, H, W).
 
-        t ~ U{1..T} per sample, x_t from ``q_sample``, the model predicts the noise from
-        ``concat(x_t - mu, mu)``; L1 between the noiseless reverse step with that score and
-        ``optimal_reverse_state``.
+        ``prediction="noise"``: IR-SDE's maximum-likelihood loss. t ~ U{1..T} per sample,
+        ``x_t`` from ``q_sample``, the model predicts the noise from ``concat(x_t - mu, mu)``;
+        L1 between the noiseless reverse step with that score and ``optimal_reverse_state``.
+
+        ``prediction="x0"``: L1 between ``mu + model(...)`` and ``x0``; t is ``T`` for half of
+        the batch and otherwise drawn from ``train_times`` (the sampler's grid, default
+        ``1..T``), so training covers exactly the states the sampler will visit.
         """
         _check_4d("x0", x0)
         _check_4d("mu", mu)
         gen_device = generator.device if generator is not None else x0.device
-        t = torch.randint(1, self.T + 1, (x0.shape[0],), generator=generator, device=gen_device)
+        n = x0.shape[0]
+        if self.config.prediction == "noise":
+            t = torch.randint(1, self.T + 1, (n,), generator=generator, device=gen_device)
+        else:
+            times = torch.tensor(train_times or range(1, self.T + 1), device=gen_device)
+            if not bool(((times >= 1) & (times <= self.T)).all()):
+                raise ValueError(f"train_times must lie in 1..{self.T}, got {times.tolist()}")
+            pick = times[torch.randint(0, len(times), (n,), generator=generator, device=gen_device)]
+            first = torch.rand(n, generator=generator, device=gen_device) < 0.5
+            t = torch.where(first, torch.full_like(pick, self.T), pick)
         noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype)
         t, noise = t.to(x0.device), noise.to(x0.device)
         x_t = self.q_sample(x0, mu, t, noise)
-        noise_pred = model(torch.cat([x_t - mu, mu], dim=1), t)
-        x_prev = self.reverse_sde_step(x_t, mu, self.score_from_noise(noise_pred, t), t)
+        out = model(torch.cat([x_t - mu, mu], dim=1), t)
+        if self.config.prediction == "x0":
+            return F.l1_loss(mu + out, x0)
+        x_prev = self.reverse_sde_step(x_t, mu, self.score_from_noise(out, t), t)
         return F.l1_loss(x_prev, self.optimal_reverse_state(x_t, x0, mu, t))
 
     # -- sampling -----------------------------------------------------------------------------
@@ -264,12 +298,12 @@ class IRSDE:
         grid = self.time_grid(n_steps)
         for k, (t, t_prev) in enumerate(zip(grid[:-1], grid[1:]), start=1):
             t_vec = torch.full((mu.shape[0],), t, device=mu.device, dtype=torch.long)
-            eps = model(torch.cat([x - mu, mu], dim=1), t_vec)
+            out = model(torch.cat([x - mu, mu], dim=1), t_vec)
+            x0_hat, eps = self._predict_x0(x, mu, out, t, None if sampler == "sde" else x0_range)
             if sampler == "sde":
                 dtheta = float(self.theta_bars[t] - self.theta_bars[t_prev])
                 x = _euler_maruyama(x, mu, self.score_from_noise(eps, t), dtheta, lam, normal(k))
                 continue
-            x0_hat, eps = self._predict_x0(x, mu, eps, t, x0_range)
             if sampler == "ddim":
                 x = self.q_sample(x0_hat, mu, t_prev, eps)
             else:
@@ -283,16 +317,21 @@ class IRSDE:
         self,
         x: torch.Tensor,
         mu: torch.Tensor,
-        eps: torch.Tensor,
+        out: torch.Tensor,
         t: int,
         x0_range: tuple[float, float] | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Invert the forward marginal for x0; after clamping, recompute eps to stay consistent."""
+        """``(x0_hat, eps)`` from the network output ``out`` (noise or ``x0 - mu``), consistent with
+        ``x``; ``x0_range`` clamps ``x0_hat``, and eps is recomputed from the clamped value."""
         decay, sigma_bar = self._coef("decay", t, x), self._coef("sigma_bar", t, x)
-        x0_hat = mu + (x - mu - sigma_bar * eps) / decay
-        if x0_range is None:
-            return x0_hat, eps
-        x0_hat = x0_hat.clamp(*x0_range)
+        if self.config.prediction == "x0":
+            x0_hat = mu + out
+        else:
+            x0_hat = mu + (x - mu - sigma_bar * out) / decay
+            if x0_range is None:
+                return x0_hat, out
+        if x0_range is not None:
+            x0_hat = x0_hat.clamp(*x0_range)
         return x0_hat, (x - mu - decay * (x0_hat - mu)) / sigma_bar
 
 

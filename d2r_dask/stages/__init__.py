@@ -4,10 +4,12 @@
   the pseudo-HR): one training loop with EMA, validation, atomic checkpoints, resume.
 * :mod:`.restore` -- Stage II: the restorer as a ``blend`` block processor over XZ/YZ slices.
 * :mod:`.infer` -- Stage IV: DGEAN as a ``crop`` block processor (the Stage IV block function).
-* :mod:`.config` -- :class:`~.config.RunConfig`: every option of ``d2r run``, validated.
+* :mod:`.config` -- :class:`~.config.RunConfig`: every option of ``d2r run``, validated;
+  ``auto`` presets resolved per device (:func:`~.config.resolve_auto`).
 * :mod:`.pipeline` -- plan and run Stages I-IV in a work directory, resumable.
 
 Contract: may import :mod:`d2r_dask.blockwise`, :mod:`d2r_dask.models`,
 :mod:`d2r_dask.io`, :mod:`d2r_dask.data` and (for validation during training)
-:mod:`d2r_dask.evaluation.metrics`; never click or the front door.
+:mod:`d2r_dask.evaluation.metrics` and :mod:`d2r_dask.evaluation.selfcheck`; never click or
+the front door.
 """

@@ -20,15 +20,20 @@ from ..io.geometry import check_factor, check_mode
 
 @dataclass(frozen=True)
 class RestorerStage:
-    """Stage I: diffusion restorer training."""
+    """Stage I: diffusion restorer training.
 
-    preset: str = "tiny"
+    ``preset="auto"`` and the options left ``None`` are filled in for the device by
+    :func:`resolve_auto` (``AUTO``); ``recipe`` is ``fast`` (ours) or ``authors``.
+    """
+
+    preset: str = "auto"
     patch: int = 64
-    steps: int = 1500
+    steps: int | None = None
     batch_size: int = 8
     lr: float | None = None
-    sampler: str = "posterior"  # benchmarks/results/samplers_fib25_x4.md: the fastest within 0.2 dB of sde@100
-    sampler_steps: int = 5
+    recipe: str = "fast"
+    sampler: str | None = None
+    sampler_steps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,7 @@ class RestoreStage:
 
     roi: tuple[int, ...] | None = None
     max_roi: tuple[int, int, int] = (64, 256, 256)
-    block: tuple[int, int, int] = (16, 64, 64)
+    block: tuple[int, int, int] = (32, 128, 128)
     halo: tuple[int, int, int] = (4, 16, 16)
     slice_batch: int = 64
     overlap: InitVar[tuple[int, int, int] | None] = None
@@ -59,12 +64,12 @@ class RestoreStage:
 class DGEANStage:
     """Stage III: DGEAN training on the pseudo-HR."""
 
-    preset: str = "tiny"
+    preset: str = "auto"
     patch_xy: int = 48
     patch_lr_z: int = 8
-    steps: int = 1500
+    steps: int | None = None
     batch_size: int = 4
-    lr: float = 2e-4
+    lr: float | None = None
     hf_weight: float = 0.5
 
 
@@ -119,22 +124,30 @@ class RunConfig:
                 bad = sorted(set(value) - set(sub_known))
                 if bad:
                     raise InputError(f"unknown keys in [{key}]: {bad}; known: {sorted(sub_known)}")
-                value = sub(**{k: _parse_option(f"{key}.{k}", v, sub_known[k].default) for k, v in value.items()})
+                value = sub(**{k: _parse_option(f"{key}.{k}", v, sub_known[k].default, sub_known[k].type)
+                               for k, v in value.items()})
             elif key not in ("factor", "mode"):  # those two are checked with their own messages
-                value = _parse_option(key, value, known[key].default)
+                value = _parse_option(key, value, known[key].default, known[key].type)
             kwargs[key] = value
         return cls(**kwargs)
 
 
-def _parse_option(name: str, value: Any, default: Any) -> Any:
+_OPTIONAL = {"int | None": 0, "float | None": 0.0, "str | None": ""}
+"""Options that default to None (``auto``): checked against the type their annotation names."""
+
+
+def _parse_option(name: str, value: Any, default: Any, annotation: Any = None) -> Any:
     """``value`` checked against the type of the option's ``default`` (lists become tuples).
 
-    Options that default to None take any value of the right shape (checked where used).
+    Options that default to None take None or a value of their annotated type; other shapes
+    (an ROI) are checked where used.
     """
     if isinstance(value, list):
         value = tuple(value)
     if default is None:
-        return value
+        if value is None or annotation not in _OPTIONAL:
+            return value
+        default = _OPTIONAL[annotation]
     if isinstance(default, tuple):
         ok = isinstance(value, tuple) and len(value) == len(default) and all(
             isinstance(v, int) and not isinstance(v, bool) for v in value)
@@ -212,6 +225,39 @@ def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, An
             value = merge(section, value)
         out[key] = value
     return out
+
+
+AUTO: dict[str, dict[str, dict[str, Any]]] = {
+    # 2 CPU cores: `d2r run` on a 250^3 volume in well under 30 minutes (README, "Quality").
+    "cpu": {"restorer": {"preset": "tiny", "steps": 2000, "sampler_steps": 1},
+            "dgean": {"preset": "tiny", "steps": 1500}},
+    # one GPU: the full-size networks; sized for benchmarks/gpu_quality.sh (fib25 x8 in ~10 minutes),
+    # not yet measured on a GPU.
+    "cuda": {"restorer": {"preset": "full", "steps": 4000, "sampler_steps": 3},
+             "dgean": {"preset": "full", "steps": 3000}},
+}
+"""What ``preset: auto`` and the unset steps mean on each device type."""
+
+
+def resolve_auto(cfg: RunConfig, device: str | None = None) -> RunConfig:
+    """``cfg`` with ``auto`` presets and unset steps filled in for ``device`` (default: the
+    first GPU if there is one, else the CPU). Explicit values are kept."""
+    from dataclasses import replace
+
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    table = AUTO["cuda" if str(device).startswith("cuda") else "cpu"]
+
+    def fill(section: Any, values: Mapping[str, Any]) -> Any:
+        changes = {k: v for k, v in values.items()
+                   if getattr(section, k) is None or (k == "preset" and getattr(section, k) == "auto")}
+        if section is cfg.restorer and section.recipe == "authors":
+            changes.pop("sampler_steps", None)  # the authors' sampler: sde over all T steps
+        return replace(section, **changes)
+
+    return replace(cfg, restorer=fill(cfg.restorer, table["restorer"]), dgean=fill(cfg.dgean, table["dgean"]))
 
 
 def config_template(factor: int = 4) -> dict[str, Any]:

@@ -54,7 +54,7 @@ class DGEANProcessor:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             y = self.forward(x)
-        return self.intensity.from_unit(y.float()[:, 0].clamp(0, 1).cpu().numpy())
+        return self.intensity.from_unit(y.float()[:, 0].cpu().numpy())  # clipped by the cast to the stored dtype
 
 
 def infer(

@@ -31,7 +31,7 @@ from .. import __version__
 from ..errors import InputError, ResumeMismatchError
 from ..io.geometry import Box, grid_shape
 from ..io.volume import is_complete, open_volume
-from .config import RunConfig, upgrade_config
+from .config import RunConfig, resolve_auto, upgrade_config
 
 log = logging.getLogger(__name__)
 STAGES = ("restorer", "pseudo_hr", "dgean", "sr")
@@ -94,7 +94,8 @@ def plan(lr_path: str | os.PathLike, cfg: RunConfig) -> dict[str, Any]:
     tiles = math.prod(grid_shape(roi.shape, cfg.restore.block))
     tile = [b + 2 * h for b, h in zip(cfg.restore.block, cfg.restore.halo)]
     slices_per_tile = tile[1] + tile[2]
-    nfe = cfg.restorer.sampler_steps  # what Stage II runs, whichever the sampler
+    cfg = resolve_auto(cfg, cfg.device)
+    nfe = _restorer_config(cfg).resolved_sampler()[1] or 100  # what Stage II runs, whichever the sampler
     dcfg = dgean_config(cfg.dgean.preset, s, cfg.mode)
     halo = receptive_field(dcfg)
     blocks = math.prod(grid_shape(shape, cfg.infer.block))
@@ -110,7 +111,7 @@ def plan(lr_path: str | os.PathLike, cfg: RunConfig) -> dict[str, Any]:
              "slices": tiles * slices_per_tile,
              "network_evaluations": tiles * slices_per_tile * nfe,
              "pixel_evaluations": tiles * slices_per_tile * nfe * tile[0] * s * max(tile[1], tile[2]),
-             "sampler": f"{cfg.restorer.sampler} x{nfe}"},
+             "sampler": f"{_restorer_config(cfg).resolved_sampler()[0]} x{nfe}"},
             {"stage": "III train DGEAN", "steps": cfg.dgean.steps, "batch": cfg.dgean.batch_size,
              "network_evaluations": cfg.dgean.steps * cfg.dgean.batch_size, "preset": cfg.dgean.preset},
             {"stage": "IV infer", "blocks": blocks, "halo": list(halo),
@@ -133,6 +134,14 @@ def _versions() -> dict[str, str]:
             "dask": dask.__version__, "zarr": zarr.__version__, "numpy": numpy.__version__}
 
 
+def _restorer_config(cfg: RunConfig) -> Any:
+    from .train import RestorerConfig
+
+    r = cfg.restorer
+    return RestorerConfig(factor=cfg.factor, mode=cfg.mode, preset=r.preset, patch=r.patch, recipe=r.recipe,
+                          sampler=r.sampler, sampler_steps=r.sampler_steps)
+
+
 def _training_done(folder: Path, steps: int) -> bool:
     cfg_path = folder / "config.json"
     return cfg_path.exists() and json.loads(cfg_path.read_text()).get("step") == steps
@@ -150,12 +159,20 @@ def run(
     progress: bool = True,
     levels: int = 3,
 ) -> dict[str, Any]:
-    """Run Stages I-IV (resuming where a previous run stopped); return the run record."""
+    """Run Stages I-IV (resuming where a previous run stopped); return the run record.
+
+    ``auto`` presets and unset steps are resolved for the device first (:func:`resolve_auto`);
+    the record holds the resolved configuration, the intensity mapping measured once on the
+    LR volume, and each training stage's self-check (``self_check``: the model against
+    interpolation on held-out patches degraded like z).
+    """
     from .infer import infer
     from .restore import restore
-    from .train import DGEANTrainConfig, RestorerConfig, TrainConfig, train_dgean, train_restorer
+    from .train import DGEANTrainConfig, TrainConfig, train_dgean, train_restorer
+    from ..data.intensity import Intensity
     from ..io.files import write_json
 
+    cfg = resolve_auto(cfg, cfg.device)
     paths = Paths(Path(lr_path), Path(output), Path(workdir) if workdir else default_workdir(output))
     lr = open_volume(paths.lr)  # fails early, with a clear message, on a bad input
     if paths.output.exists() and not overwrite and is_complete(paths.output) and not paths.record.exists():
@@ -176,8 +193,10 @@ def run(
             if old.exists():
                 shutil.rmtree(old)
     paths.workdir.mkdir(parents=True, exist_ok=True)
+    intensity = Intensity(**record["intensity"]) if "intensity" in record else Intensity.for_volume(lr.data)
     record.update({"input": str(paths.lr.resolve()), "output": str(paths.output.resolve()),
-                   "config": cfg.to_dict(), "versions": _versions(), "plan": plan(paths.lr, cfg)})
+                   "config": cfg.to_dict(), "intensity": intensity.to_dict(), "versions": _versions(),
+                   "plan": plan(paths.lr, cfg)})
     record.setdefault("stages", {})
     record["finished"] = False  # until the last stage is done again (its output may have been deleted)
     write_json(paths.record, record)
@@ -196,15 +215,28 @@ def run(
         entry["status"] = "done"
         write_json(paths.record, record)
 
+    def trained(name: str, folder: Path) -> None:
+        """Record a training stage's self-check (also when the stage was already done)."""
+        from ..evaluation.selfcheck import read_self_check
+
+        check = read_self_check(folder)
+        record["stages"][name]["self_check"] = check
+        if check is not None and not check["beats_interpolation"]:
+            record.setdefault("warnings", [])
+            msg = (f"{name}: the model scores {check['psnr']:.2f} dB on held-out patches, below "
+                   f"{check['interpolation']} interpolation ({check['psnr_interpolation']:.2f} dB)")
+            if msg not in record["warnings"]:
+                record["warnings"].append(msg)
+        write_json(paths.record, record)
+
     r, d = cfg.restorer, cfg.dgean
-    restorer_lr = r.lr or (4e-5 if r.preset == "full" else 2e-4)
+    rcfg = _restorer_config(cfg)
     stage("restorer", _training_done(paths.restorer, r.steps), lambda: train_restorer(
-        paths.lr, paths.restorer,
-        RestorerConfig(factor=cfg.factor, mode=cfg.mode, preset=r.preset, patch=r.patch, sampler=r.sampler,
-                       sampler_steps=r.sampler_steps, val_sampler_steps=r.sampler_steps),
-        TrainConfig(steps=r.steps, batch_size=r.batch_size, lr=restorer_lr, seed=cfg.seed, device=cfg.device,
-                    checkpoint_every=max(1, r.steps // 6), val_every=max(1, r.steps // 3)),
-        resume=True, progress=progress))
+        paths.lr, paths.restorer, rcfg,
+        TrainConfig(steps=r.steps, batch_size=r.batch_size, lr=r.lr, seed=cfg.seed,
+                    device=cfg.device, checkpoint_every=max(1, r.steps // 6), val_every=max(1, r.steps // 4)),
+        resume=True, progress=progress, intensity=intensity))
+    trained("restorer", paths.restorer)
     roi = stage2_roi(tuple(lr.shape), cfg)
     stage("pseudo_hr", is_complete(paths.pseudo_hr), lambda: restore(
         paths.lr, paths.pseudo_hr, paths.restorer, roi=roi, block=cfg.restore.block, halo=cfg.restore.halo,
@@ -214,8 +246,9 @@ def run(
         DGEANTrainConfig(factor=cfg.factor, mode=cfg.mode, preset=d.preset, patch_xy=d.patch_xy,
                          patch_lr_z=d.patch_lr_z, hf_weight=d.hf_weight),
         TrainConfig(steps=d.steps, batch_size=d.batch_size, lr=d.lr, seed=cfg.seed, device=cfg.device,
-                    checkpoint_every=max(1, d.steps // 6), val_every=max(1, d.steps // 3)),
-        resume=True, progress=progress))
+                    checkpoint_every=max(1, d.steps // 6), val_every=max(1, d.steps // 4)),
+        resume=True, progress=progress, intensity=intensity))
+    trained("dgean", paths.dgean)
     stage("sr", is_complete(paths.output), lambda: infer(
         paths.lr, paths.output, paths.dgean, block=cfg.infer.block, group=cfg.infer.group, tta=cfg.infer.tta,
         client=client, serial=serial, progress=progress, levels=levels))

@@ -83,8 +83,8 @@ class RestorerProcessor:
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
                                 enabled=self.device.type == "cuda"):
                 x = self.sde.sample(self.net, mu_t, sampler=self.sampler, steps=self.steps, noise_fn=noise_fn,
-                                    x0_range=(0.0, 1.0))
-            out[a:b] = x.float()[:, 0].clamp(0, 1).cpu().numpy()
+                                    x0_range=self.sde.X0_RANGE)
+            out[a:b] = x.float()[:, 0].cpu().numpy()  # clipped only by the final cast to the stored dtype
         return out
 
     def __call__(self, blocks: np.ndarray, origins: Sequence[Triple]) -> np.ndarray:
