@@ -235,8 +235,8 @@ def markdown(payload: dict[str, Any]) -> str:
             m = rec["methods"].get(key)
             if m:
                 sc = m.get("self_check") or {}
-                lines.append(f"- {_label(key, refine).split(',')[1].strip()}: probe {m['probe_steps']} steps "
-                             f"in {m['probe_seconds']} s ({m['sec_per_step']:.3f} s/step) -> {m['steps']} steps, "
+                lines.append(f"- {_label(key, refine).split(',')[1].strip()}: probes of {m['probe_steps']} and "
+                             f"{2 * m['probe_steps']} steps ({m['sec_per_step']:.3f} s/step) -> {m['steps']} steps, "
                              f"trained {m['train_seconds']} s; preset `{m['preset']}`, batch {m['batch']} x "
                              f"{m['patch']}^2, lr {m['lr']}; Stage I self-check: "
                              + (f"{sc.get('psnr', float('nan')):.2f} dB, margin {sc.get('margin_db', float('nan')):+.2f}"
@@ -248,10 +248,11 @@ def markdown(payload: dict[str, Any]) -> str:
         lines.append("")
     lines += [
         "## How to read it", "",
-        "- Every learned row had the same training wall clock on the same machine and threads; the restorer's step "
-        "count comes from a 10-step probe (its time includes one validation and one checkpoint, so sec/step is "
-        "slightly overestimated and training ends a little under the budget; `train s` is the real figure). "
-        "Probe time is not counted in the budget.",
+        "- Every learned row gets the same training budget on the same machine and threads. The peer trains for "
+        "the budget's wall clock; a restorer trains a fixed number of steps (its runs are reproducible step by "
+        "step), set from two probes of n and 2n steps whose difference leaves out a run's fixed costs (one "
+        "validation, one checkpoint). `train s` is the time each really took: when the machine's load changes "
+        "between probe and training, the budgets drift apart, so read the rows with it.",
         "- PSNR and SSIM are over the whole GT volume (data range 255); SSIM-XZ / -YZ are the orientations that "
         "z-restoration changes. `z-res nm`: Fourier-shell resolution along z at the 1/7 threshold (lower is "
         "better; the GT voxel is 10 nm). `stripe/GT`: energy at the z-sampling period relative to the GT's "
