@@ -95,7 +95,8 @@ def plan(lr_path: str | os.PathLike, cfg: RunConfig) -> dict[str, Any]:
     tile = [b + 2 * h for b, h in zip(cfg.restore.block, cfg.restore.halo)]
     slices_per_tile = tile[1] + tile[2]
     cfg = resolve_auto(cfg, cfg.device)
-    nfe = _restorer_config(cfg).resolved_sampler()[1] or 100  # what Stage II runs, whichever the sampler
+    sampler, nfe = _restorer_config(cfg).resolved_sampler()
+    nfe = nfe or 100  # what Stage II runs, whichever the sampler (sde without steps runs all T)
     dcfg = dgean_config(cfg.dgean.preset, s, cfg.mode)
     halo = receptive_field(dcfg)
     blocks = math.prod(grid_shape(shape, cfg.infer.block))
@@ -111,7 +112,7 @@ def plan(lr_path: str | os.PathLike, cfg: RunConfig) -> dict[str, Any]:
              "slices": tiles * slices_per_tile,
              "network_evaluations": tiles * slices_per_tile * nfe,
              "pixel_evaluations": tiles * slices_per_tile * nfe * tile[0] * s * max(tile[1], tile[2]),
-             "sampler": f"{_restorer_config(cfg).resolved_sampler()[0]} x{nfe}"},
+             "sampler": f"{sampler} x{nfe}"},
             {"stage": "III train DGEAN", "steps": cfg.dgean.steps, "batch": cfg.dgean.batch_size,
              "network_evaluations": cfg.dgean.steps * cfg.dgean.batch_size, "preset": cfg.dgean.preset},
             {"stage": "IV infer", "blocks": blocks, "halo": list(halo),

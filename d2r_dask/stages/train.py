@@ -306,9 +306,7 @@ def train_restorer(
     from ..models.nafnet import ConditionalNAFNet, nafnet_config
     from ..models.sde import IRSDE, SDEConfig
 
-    tcfg = tcfg or TrainConfig()
-    if tcfg.lr is None:
-        tcfg = replace(tcfg, lr=default_restorer_lr(rcfg))
+    tcfg = _with_default_lr(tcfg, default_restorer_lr(rcfg))
     source, val_source = _sources(lr_volume, intensity=intensity)
     size = min(rcfg.patch, source.shape[1], source.shape[2])
     if size < rcfg.patch:
@@ -381,6 +379,12 @@ def default_restorer_lr(rcfg: RestorerConfig) -> float:
     return {"tiny": 2e-3, "small": 1e-3}.get(rcfg.preset, 5e-4)
 
 
+def _with_default_lr(tcfg: TrainConfig | None, lr: float) -> TrainConfig:
+    """``tcfg`` (default settings if None) with ``lr`` where it leaves the learning rate unset."""
+    tcfg = tcfg or TrainConfig()
+    return tcfg if tcfg.lr is not None else replace(tcfg, lr=lr)
+
+
 def _psnr01(pred: np.ndarray, target: np.ndarray) -> float:
     """PSNR of unit-range images as they would be stored (clipped to the range)."""
     from ..evaluation.metrics import psnr
@@ -433,9 +437,7 @@ def train_dgean(
     from ..models.dgean import DGEAN, dgean_config
     from ..models.losses import hf_loss
 
-    tcfg = tcfg or TrainConfig()
-    if tcfg.lr is None:
-        tcfg = replace(tcfg, lr=DGEAN_LR)
+    tcfg = _with_default_lr(tcfg, DGEAN_LR)
     source, val_source = _sources(hr_volume, z_range, intensity)
     z0, z1 = z_range or (0, source.shape[0])
     s = dcfg.factor
