@@ -329,18 +329,41 @@ def test_lateral_pair_conditions_on_the_degraded_target(mode: str, factor: int) 
 
 @pytest.mark.parametrize("mode", ["decimate", "mean"])
 def test_axial_pair_degrades_the_target_like_the_acquisition(mode: str) -> None:
-    patch = np.random.default_rng(1).random((12, 16, 16)).astype(np.float32)
-    for seed in range(6):
-        lr, hr = axial_pair(patch, 4, mode, np.random.default_rng(seed))
+    # each slice holds its own index (plus xy texture < 1), so the source slice of every output is known
+    z = np.arange(16, dtype=np.float32)[:, None, None]
+    block = z + np.random.default_rng(1).random((1, 16, 16)).astype(np.float32) * 0.5
+    flipped = 0
+    for seed in range(12):
+        lr, hr = axial_pair(block, 4, mode, np.random.default_rng(seed))
         assert lr.shape == (3, 16, 16) and hr.shape == (12, 16, 16)
         assert lr.dtype == hr.dtype == np.float32
-        np.testing.assert_array_equal(np.sort(hr, axis=None), np.sort(patch, axis=None))
+        source = np.floor(hr[:, 0, 0]).astype(int)
+        flipped += source[0] > source[1]
+        assert np.all(np.abs(np.diff(source)) == 1), "hr must be 12 consecutive slices of the block"
         if mode == "decimate":
             np.testing.assert_array_equal(lr, hr[::4])
+            # the network's inputs are acquired slices (multiples of s), flipped or not
+            assert set(source[::4] % 4) == {0}
         else:
             np.testing.assert_allclose(lr, hr.reshape(3, 4, 16, 16).mean(axis=1), rtol=1e-6)
+            # each LR slice averages one acquired section k*s .. k*s+s-1
+            assert set(source.reshape(3, 4).min(axis=1) % 4) == {0}
+    assert 0 < flipped < 12, "z-flips are one augmentation among others"
     with pytest.raises(InputError, match="multiple of the factor"):
-        axial_pair(patch[:10], 4, mode, np.random.default_rng(0))
+        axial_pair(block[:10], 4, mode, np.random.default_rng(0))
+
+
+def test_patch_source_starts_on_the_acquisition_grid(tmp_path: Path) -> None:
+    path = write(tmp_path / "v.zarr", synth_array((40, 16, 16), seed=3), chunks=(8, 16, 16))
+    source = PatchSource(path, z_range=(5, 38), intensity=Intensity(0.0, 255.0))
+    data = np.asarray(source.data) / 255.0
+    for step in range(8):
+        block = source.read(step_rng(0, step), (12, 16, 16), z_align=4)
+        starts = [z for z in range(40 - 11) if np.allclose(data[z:z + 12], block, atol=1e-6)]
+        assert starts and starts[0] % 4 == 0 and 5 <= starts[0] and starts[0] + 12 <= 38
+    with pytest.raises(InputError, match="multiple of 4"):
+        PatchSource(path, z_range=(5, 18), intensity=Intensity(0.0, 255.0)).read(step_rng(0, 0), (12, 16, 16),
+                                                                                 z_align=4)
 
 
 def test_patch_source_reads_one_patch_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,7 +8,10 @@ would. Pair construction is pure numpy, testable without any store:
   its rows like z was acquired, and the condition ``mu`` = that degraded patch
   upsampled back (bicubic, each row at its true position).
 * Stage III (:func:`axial_pair`): a 3D pseudo-HR patch, flipped / xy-swapped /
-  xy-rotated, degraded along z exactly as the acquisition degrades.
+  xy-rotated, degraded along z exactly as the acquisition degrades. Patches start on the
+  acquisition grid (:meth:`PatchSource.read` with ``z_align``) and z-flips keep it, so the
+  network's inputs are the *acquired* slices of the pseudo-HR, as at inference, never
+  slices the restorer synthesised in between.
 """
 
 from __future__ import annotations
@@ -50,9 +53,17 @@ class PatchSource:
                 f"than one {what} patch {tuple(patch)}; use a smaller --patch or a larger volume"
             )
 
-    def read(self, rng: np.random.Generator, patch: Sequence[int]) -> np.ndarray:
-        """One random ``patch``-shaped block, unit intensities, float32."""
-        z0 = rng.integers(self.z_range[0], self.z_range[1] - patch[0] + 1)
+    def read(self, rng: np.random.Generator, patch: Sequence[int], *, z_align: int = 1) -> np.ndarray:
+        """One random ``patch``-shaped block, unit intensities, float32.
+
+        ``z_align``: the block starts on a multiple of it (the LR grid of an SR-geometry volume).
+        """
+        first = -(-self.z_range[0] // z_align) * z_align
+        n_starts = (self.z_range[1] - patch[0] - first) // z_align + 1
+        if n_starts < 1:
+            raise InputError(f"{self.path}: slices {self.z_range} hold no {patch[0]}-slice patch starting on a "
+                             f"multiple of {z_align}; use a smaller patch or a larger volume")
+        z0 = first + z_align * rng.integers(0, n_starts)
         y0 = rng.integers(0, self.shape[1] - patch[1] + 1)
         x0 = rng.integers(0, self.shape[2] - patch[2] + 1)
         block = self.data[z0 : z0 + patch[0], y0 : y0 + patch[1], x0 : x0 + patch[2]]
@@ -66,9 +77,12 @@ def augment_2d(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def augment_3d(vol: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random z/y/x flips, an x/y swap and an xy rotation of a ``(z, y, x)`` patch (y == x)."""
+    """Random y/x flips, an x/y swap and an xy rotation of a ``(z, y, x)`` patch (y == x).
+
+    z is left alone: :func:`axial_pair` flips it without moving the acquisition grid.
+    """
     vol = np.rot90(vol, int(rng.integers(4)), axes=(1, 2))
-    for axis in range(3):
+    for axis in (1, 2):
         if rng.integers(2):
             vol = np.flip(vol, axis)
     if rng.integers(2):
@@ -85,10 +99,22 @@ def lateral_pair(patch: np.ndarray, factor: int, mode: str, rng: np.random.Gener
     return x0.astype(np.float32), mu.astype(np.float32)
 
 
-def axial_pair(patch: np.ndarray, factor: int, mode: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Stage III pair ``(lr, hr)`` from a ``(D*s, P, P)`` pseudo-HR patch."""
-    if patch.shape[0] % factor:
-        raise InputError(f"patch depth {patch.shape[0]} must be a multiple of the factor {factor}")
-    hr = augment_3d(patch, rng)
+def axial_pair(block: np.ndarray, factor: int, mode: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Stage III pair ``(lr, hr)``, ``hr`` of ``(D·s, P, P)``, from a ``((D+1)·s, P, P)`` block.
+
+    The block starts on the acquisition grid: with ``decimate`` its slices ``0, s, 2s, …`` were
+    acquired, with ``mean`` each run ``k·s … k·s+s−1`` is one section. A z-flip (one pair in two)
+    reverses the block and crops it so that the grid still falls there; the extra LR period is
+    what makes that crop possible. ``lr`` is then ``hr`` degraded like the acquisition.
+    """
+    if block.shape[0] % factor or block.shape[0] < 2 * factor:
+        raise InputError(f"block depth {block.shape[0]} must be a multiple of the factor {factor}, "
+                         "with one LR slice to spare")
+    depth = block.shape[0] - factor
+    start = 0
+    if rng.integers(2):
+        block = block[::-1]
+        start = factor - 1 if mode == "decimate" else 0  # acquired slices moved to phase s-1
+    hr = augment_3d(block[start : start + depth], rng)
     lr = degrade_along(hr, factor, axis=0, mode=mode).astype(np.float32)
     return lr, hr.astype(np.float32)

@@ -218,20 +218,24 @@ def _stack_pairs(pairs: list[tuple[np.ndarray, np.ndarray]], device: torch.devic
     return first, second
 
 
-def _validation_split(n_slices: int, fraction: float = 0.1) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Train on the first slices, validate on the last ``fraction`` (at least one slice)."""
+def _validation_split(n_slices: int, fraction: float = 0.1, min_slices: int = 1) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Train on the first slices, validate on the last ``fraction`` — at least ``min_slices``
+    (one validation patch deep) as long as as many remain to train on."""
     n_val = max(1, int(round(n_slices * fraction)))
+    if n_val < min_slices <= n_slices - min_slices:
+        n_val = min_slices
     if n_slices - n_val < 1:
         return (0, n_slices), (0, n_slices)
     return (0, n_slices - n_val), (n_slices - n_val, n_slices)
 
 
 def _sources(path: str | os.PathLike, z_range: tuple[int, int] | None = None,
-             intensity: Intensity | None = None) -> tuple[PatchSource, PatchSource]:
-    """Training and validation patch sources: the last tenth of ``z_range`` is held out."""
+             intensity: Intensity | None = None, min_val_slices: int = 1) -> tuple[PatchSource, PatchSource]:
+    """Training and validation patch sources: the last tenth of ``z_range`` (at least
+    ``min_val_slices``) is held out."""
     probe = PatchSource(path, intensity=intensity)
     z0, z1 = z_range or (0, probe.shape[0])
-    (a, b), (c, d) = _validation_split(z1 - z0)
+    (a, b), (c, d) = _validation_split(z1 - z0, min_slices=min_val_slices)
     return (PatchSource(path, z_range=(z0 + a, z0 + b), intensity=probe.intensity),
             PatchSource(path, z_range=(z0 + c, z0 + d), intensity=probe.intensity))
 
@@ -438,14 +442,19 @@ def train_dgean(
     from ..models.losses import hf_loss
 
     tcfg = _with_default_lr(tcfg, DGEAN_LR)
-    source, val_source = _sources(hr_volume, z_range, intensity)
-    z0, z1 = z_range or (0, source.shape[0])
     s = dcfg.factor
     depth = dcfg.patch_lr_z * s
+    # Patches are read one LR period deeper (z-flips keep the acquisition grid) and start on the
+    # grid (up to s-1 slices of slack). Validation patches may be thinner than training ones, down
+    # to 3 LR slices (the attention window), so that a tenth of a thin volume can be held out.
+    val_lr_z = 3
+    source, val_source = _sources(hr_volume, z_range, intensity, min_val_slices=(val_lr_z + 2) * s - 1)
+    z0, z1 = z_range or (0, source.shape[0])
     size = min(dcfg.patch_xy, source.shape[1], source.shape[2])
-    source.check_fits((depth, size, size), "3D")
-    if val_source.z_range[1] - val_source.z_range[0] < depth:
-        val_source = source  # too few slices to hold out a full patch: validate on training slices
+    source.check_fits((depth + 2 * s - 1, size, size), "3D")
+    val_depth = min(depth, ((val_source.z_range[1] - val_source.z_range[0] - s + 1) // s - 1) * s)
+    if val_depth < val_lr_z * s:
+        val_source, val_depth = source, depth  # too few slices to hold out: validate on training slices
         log.warning("%s is too thin to hold out a validation patch; validating on training slices", hr_volume)
     torch.manual_seed(tcfg.seed)
     net_cfg = dgean_config(dcfg.preset, s, dcfg.mode)
@@ -455,15 +464,15 @@ def train_dgean(
     model = DGEAN(net_cfg)
     device = pick_device(tcfg.device)
 
-    def batch(src: PatchSource, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        pairs = [axial_pair(src.read(rng, (depth, size, size)), s, dcfg.mode, rng) for _ in range(n)]
+    def batch(src: PatchSource, rng: np.random.Generator, n: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [axial_pair(src.read(rng, (d + s, size, size), z_align=s), s, dcfg.mode, rng) for _ in range(n)]
         return _stack_pairs(pairs, device)  # (lr, hr)
 
     def loss_fn(net: torch.nn.Module, step: int) -> torch.Tensor:
-        lr, hr = batch(source, step_rng(tcfg.seed, step), tcfg.batch_size)
+        lr, hr = batch(source, step_rng(tcfg.seed, step), tcfg.batch_size, depth)
         return hf_loss(net(lr).float(), hr, weight=dcfg.hf_weight, fourier_weight=dcfg.fourier_weight)
 
-    val_lr, val_hr = batch(val_source, step_rng(tcfg.seed, 0, stream=1), max(1, tcfg.val_patches // 2))
+    val_lr, val_hr = batch(val_source, step_rng(tcfg.seed, 0, stream=1), max(1, tcfg.val_patches // 2), val_depth)
     out = Path(out)
 
     def validate(ema: torch.nn.Module, step: int) -> dict[str, float]:
