@@ -112,7 +112,8 @@ def info(store: Path, as_json: bool) -> None:
         f"  voxel size      {_fmt3(d['voxel_size_nm'])} nm\n"
         f"  translation     {_fmt3(d['translation_nm'])} nm\n"
         f"  levels          {len(d['levels']) or 1}\n"
-        f"  on disk         {_human(d['size_on_disk_bytes'])} ({ratio:.1f}x compression)\n"
+        f"  on disk         {'~' if d['size_on_disk_estimated'] else ''}{_human(d['size_on_disk_bytes'])} "
+        f"({ratio:.1f}x compression{', estimated from a sample of chunks' if d['size_on_disk_estimated'] else ''})\n"
         f"  intensity       min {s['min']:g}  p1 {s['p1']:g}  mean {s['mean']:.4g}  "
         f"p99 {s['p99']:g}  max {s['max']:g}  std {s['std']:.4g}  ({s['slices']} slices sampled)"
     )

@@ -82,6 +82,10 @@ class WorkerRuntime:
             log.info("loaded %s on %s (pid %d)", spec.kind, device, os.getpid())
         return self.processors[key]
 
+    def cached(self, job: Job, kind: str, open_: Callable[[], Any]) -> Any:
+        """An array handle of ``job``'s output, opened once per job (``kind`` names it)."""
+        return self._array(job.output, job, kind, open_)
+
     def _array(self, path: str, job: Job, kind: str, open_: Callable[[], Any]) -> Any:
         # keyed by path *and* job hash: a rerun with ``overwrite`` or another layout
         # recreates the store, and a stale handle would write with the old chunking
