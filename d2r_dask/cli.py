@@ -332,8 +332,8 @@ def restore(lr_volume: Path, output: Path, model: Path, roi: tuple[int, ...] | N
 @click.argument("output", type=click.Path(path_type=Path), metavar="SR")
 @click.option("--model", type=click.Path(path_type=Path), required=True, help="Stage III checkpoint folder.")
 @roi_option
-@click.option("--block", nargs=3, type=int, default=(32, 128, 128), metavar="Z Y X",
-              help="LR block shape (larger blocks spend less on the halo).")
+@click.option("--block", nargs=3, type=int, default=None, metavar="Z Y X",
+              help="LR block shape [default: sized to the device's memory and the network's halo].")
 @click.option("--group", type=int, default=1, help="Blocks per task, run as one batch on the device.")
 @click.option("--batch", type=int, default=None, hidden=True, help="Deprecated name of --group.")
 @click.option("--tta", is_flag=True, help="Average the 8 xy flips/rotations (8x slower).")
@@ -348,6 +348,14 @@ def infer(lr_volume: Path, output: Path, model: Path, roi: tuple[int, ...] | Non
     from .stages.infer import infer as run_infer
 
     group = _deprecated_option("--batch", "--group", batch, group)
+    if block is None:
+        from .io.volume import open_volume
+        from .models.checkpoint import read_dgean_config
+        from .stages.sizing import device_info, infer_block
+
+        sized = infer_block(open_volume(lr_volume).shape, read_dgean_config(model)[0], device_info(None), tta=tta)
+        block = tuple(sized["block"])  # type: ignore[assignment]
+        click.echo(f"block {block} (halo overhead {sized['halo_overhead']:.2f}x)", err=True)
 
     with _client(scheduler, workers, serial) as client:
         run_infer(lr_volume, output, model, roi=_roi(roi), block=block, group=group, tta=tta, compile=compile_,
