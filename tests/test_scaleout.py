@@ -18,7 +18,7 @@ from d2r_dask.blockwise.processors import ModelSpec
 from d2r_dask.blockwise.scheduler import run_blockwise
 from d2r_dask.errors import IncompleteVolumeError
 from d2r_dask.io.geometry import Box, Geometry
-from d2r_dask.io.volume import (describe, disk_usage, finalize_volume, metadata_digest, open_volume, write_volume)
+from d2r_dask.io.volume import describe, disk_usage, finalize_volume, metadata_digest, open_volume, write_volume
 
 from conftest import random_volume
 
@@ -254,8 +254,8 @@ def test_info_never_lists_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_pyramid_on_a_cluster_equals_serial(tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from distributed import Client, LocalCluster
 
-    source = write_volume(tmp_path / "big.zarr", random_volume((8, 64, 64), "uint8", seed=8), Geometry((20.0, 5.0, 5.0)),
-                          chunks=(4, 32, 32))
+    source = write_volume(tmp_path / "big.zarr", random_volume((8, 64, 64), "uint8", seed=8),
+                          Geometry((20.0, 5.0, 5.0)), chunks=(4, 32, 32))
     kw = {**KW, "levels": 2, "serial": False, "block": (4, 16, 16)}
     serial = run_blockwise(source, tmp_path / "s.zarr", CONV, **{**kw, "serial": True})
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",

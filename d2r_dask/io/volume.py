@@ -477,8 +477,8 @@ def pyramid_plan(path: str | os.PathLike, *, levels: int = 1, min_size: int = 32
         tr = tr + (f - 1) * vs / 2.0  # a coarse voxel's centre is the mean of its fine centres
         vs = vs * f
         shape = new_shape
-        out.append(PyramidLevel(str(level), tuple(int(n) for n in shape),  # type: ignore[arg-type]
-                                tuple(min(int(c), int(n)) for c, n in zip(base.chunks, shape)),  # type: ignore[arg-type]
+        chunks = tuple(min(int(c), int(n)) for c, n in zip(base.chunks, shape))
+        out.append(PyramidLevel(str(level), tuple(int(n) for n in shape), chunks,  # type: ignore[arg-type]
                                 tuple(int(v) for v in f), Geometry(tuple(vs), tuple(tr))))  # type: ignore[arg-type]
     return out
 
