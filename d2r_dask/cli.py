@@ -112,7 +112,8 @@ def info(store: Path, as_json: bool) -> None:
         f"  voxel size      {_fmt3(d['voxel_size_nm'])} nm\n"
         f"  translation     {_fmt3(d['translation_nm'])} nm\n"
         f"  levels          {len(d['levels']) or 1}\n"
-        f"  on disk         {_human(d['size_on_disk_bytes'])} ({ratio:.1f}x compression)\n"
+        f"  on disk         {'~' if d['size_on_disk_estimated'] else ''}{_human(d['size_on_disk_bytes'])} "
+        f"({ratio:.1f}x compression{', estimated from a sample of chunks' if d['size_on_disk_estimated'] else ''})\n"
         f"  intensity       min {s['min']:g}  p1 {s['p1']:g}  mean {s['mean']:.4g}  "
         f"p99 {s['p99']:g}  max {s['max']:g}  std {s['std']:.4g}  ({s['slices']} slices sampled)"
     )
@@ -331,8 +332,8 @@ def restore(lr_volume: Path, output: Path, model: Path, roi: tuple[int, ...] | N
 @click.argument("output", type=click.Path(path_type=Path), metavar="SR")
 @click.option("--model", type=click.Path(path_type=Path), required=True, help="Stage III checkpoint folder.")
 @roi_option
-@click.option("--block", nargs=3, type=int, default=(32, 128, 128), metavar="Z Y X",
-              help="LR block shape (larger blocks spend less on the halo).")
+@click.option("--block", nargs=3, type=int, default=None, metavar="Z Y X",
+              help="LR block shape [default: sized to the device's memory and the network's halo].")
 @click.option("--group", type=int, default=1, help="Blocks per task, run as one batch on the device.")
 @click.option("--batch", type=int, default=None, hidden=True, help="Deprecated name of --group.")
 @click.option("--tta", is_flag=True, help="Average the 8 xy flips/rotations (8x slower).")
@@ -347,6 +348,14 @@ def infer(lr_volume: Path, output: Path, model: Path, roi: tuple[int, ...] | Non
     from .stages.infer import infer as run_infer
 
     group = _deprecated_option("--batch", "--group", batch, group)
+    if block is None:
+        from .io.volume import open_volume
+        from .models.checkpoint import read_dgean_config
+        from .stages.sizing import device_info, infer_block
+
+        sized = infer_block(open_volume(lr_volume).shape, read_dgean_config(model)[0], device_info(None), tta=tta)
+        block = tuple(sized["block"])  # type: ignore[assignment]
+        click.echo(f"block {block} (halo overhead {sized['halo_overhead']:.2f}x)", err=True)
 
     with _client(scheduler, workers, serial) as client:
         run_infer(lr_volume, output, model, roi=_roi(roi), block=block, group=group, tta=tta, compile=compile_,

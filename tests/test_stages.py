@@ -202,16 +202,16 @@ def test_stage4_resumes_after_a_kill_while_writing_the_pyramid(tmp_path: Path, m
     data = (synth_array((2, 64, 64), seed=14) / 255.0).astype(np.float32)
     lr = write(tmp_path / "lr.zarr", data, (40.0, 5.0, 5.0), chunks=(2, 32, 32))
     kw: dict[str, Any] = {"block": (2, 64, 64), "serial": True, "progress": False, "levels": 2}
-    real_finalize = scheduler.finalize_volume
+    real_pyramid = scheduler.build_pyramid
 
-    def killed_mid_pyramid(path: Any, **_: Any) -> None:  # level 1 created, then the process dies
-        zarr.open_group(str(path), mode="r+").create_array("1", shape=(8, 32, 32), chunks=(8, 32, 32),
-                                                          dtype="float32")
+    def killed_mid_pyramid(job: Any, *_: Any) -> None:  # level 1 created, then the process dies
+        zarr.open_group(job.output, mode="r+").create_array("1", shape=(8, 32, 32), chunks=(8, 32, 32),
+                                                           dtype="float32")
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(scheduler, "finalize_volume", killed_mid_pyramid)
+    monkeypatch.setattr(scheduler, "build_pyramid", killed_mid_pyramid)
     with pytest.raises(KeyboardInterrupt):
         infer(lr, tmp_path / "sr.zarr", dgean_models["decimate"], **kw)
-    monkeypatch.setattr(scheduler, "finalize_volume", real_finalize)
+    monkeypatch.setattr(scheduler, "build_pyramid", real_pyramid)
     out = infer(lr, tmp_path / "sr.zarr", dgean_models["decimate"], **kw)
     assert open_volume(out).shape == (8, 64, 64)

@@ -8,9 +8,10 @@ Read top-down:
   (partition-of-unity weights).
 * :mod:`.processors` -- :class:`~.processors.ModelSpec` (what a worker loads) and the
   registry of block processors; small deterministic ones for tests and benchmarks.
-* :mod:`.jobstate` -- job identity (``job.json``), done-markers, resume.
+* :mod:`.jobstate` -- job identity (``job.json``), compact done-state, resume.
 * :mod:`.runtime` -- what a worker process keeps between tasks (model, arrays,
-  counters) and where it runs (threads, GPU).
+  counters) and where it runs (:func:`~.runtime.place_workers`: threads, GPU).
+* :mod:`.pyramid` -- the coarser levels of an output, as engine phases.
 * :mod:`.tasks` -- what one task does, one function per phase.
 * :mod:`.scheduler` -- :func:`~.scheduler.run_blockwise`: the submission loop.
 * :mod:`.cluster` -- connecting to or starting a Dask cluster.

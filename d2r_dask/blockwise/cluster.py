@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from typing import Iterator
 
 from distributed import Client, LocalCluster
@@ -32,7 +31,14 @@ def gpu_count() -> int:
 
 def local_cluster(*, n_workers: int | None = None, memory_limit: str | None = "auto",
                   dashboard: bool = True) -> LocalCluster:
-    """A cluster for this machine: one worker per GPU, else ``min(2, cores)`` CPU workers."""
+    """A cluster for this machine: one worker per GPU, else ``min(2, cores)`` CPU workers.
+
+    With dask-cuda each worker is pinned to its GPU by ``CUDA_VISIBLE_DEVICES``; without
+    it the workers are named 0..n-1 and :func:`~.runtime.place_workers` gives worker i
+    ``cuda:i``. Cores are ``dask.system.CPU_COUNT`` (cgroup and affinity aware).
+    """
+    from dask.system import CPU_COUNT
+
     gpus = gpu_count()
     if gpus:
         try:
@@ -43,7 +49,7 @@ def local_cluster(*, n_workers: int | None = None, memory_limit: str | None = "a
                                     dashboard_address=":0" if dashboard else None)
         except ImportError:
             log.info("dask-cuda not installed; pinning one LocalCluster worker per GPU")
-    n = n_workers or gpus or min(2, os.cpu_count() or 1)
+    n = n_workers or gpus or min(2, CPU_COUNT)
     return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, memory_limit=memory_limit,
                         dashboard_address=":0" if dashboard else None)
 

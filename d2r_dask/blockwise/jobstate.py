@@ -1,11 +1,24 @@
 """Job state and resume: what names a job, and which of its groups are done.
 
 ``OUTPUT/.d2r/job.json`` ties the output to a hash of the input, layout and model
-(:func:`job_identity`); each finished group of blocks leaves a done-marker
-``OUTPUT/.d2r/done/{phase}-{group}``. A rerun with the same identity recomputes only
-groups without a marker; a different identity is refused (:class:`ResumeMismatchError`)
-unless ``overwrite``. The NGFF metadata is written last, by
-:func:`~d2r_dask.io.volume.finalize_volume`, so an unfinished output never looks complete.
+(:func:`job_identity`); the input's fingerprint comes from its metadata documents
+(one per array of the hierarchy), never from a walk over its chunk files. A rerun with
+the same identity recomputes only groups not done; a different identity is refused
+(:class:`ResumeMismatchError`) unless ``overwrite``. The NGFF metadata is written last,
+by :func:`~d2r_dask.io.volume.write_multiscales`, so an unfinished output never looks complete.
+
+Done-state is compact, whatever the number of tasks (``OUTPUT/.d2r/done/``)::
+
+    {phase}.{process}.log   each worker process appends the 8-byte id of each group it
+                            finished (one file per process, not per task; a torn last
+                            record from a kill is ignored)
+    {phase}.bits            the flags of all groups of the phase, one bit each, written
+                            atomically when the client compacts the logs (at each phase start)
+    {phase}-{group}         done-markers of runs made before this format: still read, and
+                            folded into ``{phase}.bits`` by the next compaction
+
+Only losing a record is possible (a group is then recomputed: tasks are idempotent),
+never marking an unfinished group done.
 """
 
 from __future__ import annotations
@@ -13,14 +26,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
 
 from ..errors import OutputExistsError, ResumeMismatchError
-from ..io.files import write_json
+from ..io.files import atomic_write, write_json
 from ..io.geometry import Geometry
-from ..io.volume import create_scratch, create_volume, is_complete, open_volume
+from ..io.volume import create_scratch, create_volume, is_complete, metadata_digest, open_volume
 from .layout import Layout
 from .processors import ModelSpec
 
@@ -49,16 +66,16 @@ class Job:
 
 
 def _fingerprint(source: str, level: int) -> dict[str, Any]:
+    """The input as a job depends on it: path, level, shape, dtype and a hash of its
+    metadata documents (read node by node; the same hash the former walk over every
+    file of the store gave, so jobs started before keep their identity)."""
     vol = open_volume(source, level=level)
-    meta = hashlib.sha256()
-    for f in sorted(Path(source).rglob("zarr.json")) + sorted(Path(source).rglob(".zarray")):
-        meta.update(f.read_bytes())
     return {
         "path": str(Path(source).resolve()),
         "level": level,
         "shape": list(vol.shape),
         "dtype": str(vol.dtype),
-        "metadata_sha256": meta.hexdigest(),
+        "metadata_sha256": metadata_digest(source),
     }
 
 
@@ -114,21 +131,86 @@ def prepare_output(job: Job, identity: Mapping[str, Any], geometry: Geometry, ov
     return False
 
 
+_LOG: dict[str, str] = {}
+
+
+def _process_id() -> str:
+    """A name for this process's done-logs, unique across hosts, restarts and forks."""
+    pid = str(os.getpid())
+    if pid not in _LOG:
+        _LOG.clear()
+        _LOG[pid] = f"{socket.gethostname()}-{pid}-{uuid.uuid4().hex[:8]}"
+    return _LOG[pid]
+
+
 def mark_done(job: Job, phase: str, group_id: int) -> None:
-    """Leave the done-marker of group ``group_id`` of ``phase``."""
-    marker = job.marker(phase, group_id)
+    """Record that group ``group_id`` of ``phase`` is done: 8 bytes appended to this
+    process's log of the phase (``O_APPEND``: no read-modify-write, no file per task)."""
+    done = job.state_dir / "done"
+    path = done / f"{phase}.{_process_id()}.log"
     try:
-        marker.touch()
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     except FileNotFoundError:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
+        done.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, np.array([group_id], dtype="<u8").tobytes())
+    finally:
+        os.close(fd)
+
+
+def done_flags(job: Job, phase: str, n_groups: int) -> np.ndarray:
+    """Done flags (bool, one per group) of ``phase``; compacts the logs and any old
+    per-task markers into ``{phase}.bits`` (run by the client only, before submitting)."""
+    done = job.state_dir / "done"
+    flags = np.zeros(n_groups, dtype=bool)
+    if not done.is_dir():
+        return flags
+    bits = done / f"{phase}.bits"
+    if bits.exists():
+        packed = np.unpackbits(np.frombuffer(bits.read_bytes(), dtype=np.uint8), count=None)
+        flags[:min(n_groups, packed.size)] |= packed[:n_groups].astype(bool)
+    logs: list[Path] = []
+    markers: list[Path] = []
+    old = f"{phase}-"
+    with os.scandir(done) as it:
+        for e in it:
+            name = e.name
+            if name.startswith(f"{phase}.") and name.endswith(".log"):
+                logs.append(Path(e.path))
+            elif name.startswith(old) and name[len(old):].isdigit():  # the former format
+                markers.append(Path(e.path))
+                gid = int(name[len(old):])
+                if gid < n_groups:
+                    flags[gid] = True
+    for log_path in logs:
+        raw = log_path.read_bytes()
+        ids = np.frombuffer(raw[: len(raw) // 8 * 8], dtype="<u8")  # a torn last record is ignored
+        flags[ids[ids < n_groups].astype(np.int64)] = True
+    if logs or markers:
+        atomic_write(bits, lambda tmp: tmp.write_bytes(np.packbits(flags).tobytes()))
+        for f in logs + markers:  # only now: a crash before this point loses nothing
+            f.unlink(missing_ok=True)
+    return flags
 
 
 def done_groups(job: Job, phase: str) -> set[int]:
-    """Group ids of ``phase`` with a done-marker (one directory listing, not a stat per group)."""
-    done = job.state_dir / "done"
-    if not done.is_dir():
-        return set()
-    prefix = f"{phase}-"
-    with os.scandir(done) as it:
-        return {int(e.name[len(prefix):]) for e in it if e.name.startswith(prefix) and e.name[len(prefix):].isdigit()}
+    """Group ids of ``phase`` that are done (small jobs and tests; the scheduler uses
+    :func:`done_flags`, which never holds a Python object per group)."""
+    return {int(g) for g in np.flatnonzero(done_flags(job, phase, job.layout.n_groups))}
+
+
+def todo_groups(flags: np.ndarray, batch: int = 1 << 20) -> Iterator[int]:
+    """The ids of the groups not done, lazily, in order (a slice of the flags at a time)."""
+    for start in range(0, flags.size, batch):
+        for gid in np.flatnonzero(~flags[start:start + batch]):
+            yield start + int(gid)
+
+
+def done_block_count(layout: Layout, flags: np.ndarray) -> int:
+    """Blocks in the done groups (all full-size but the last)."""
+    n = int(flags.sum())
+    if n and flags[-1]:
+        n_last = layout.group_size(layout.n_groups - 1)
+        return (n - 1) * layout.group + n_last
+    return n * layout.group

@@ -121,6 +121,43 @@ class Layout:
         return d
 
 
+def halo_overhead(block: Sequence[int], halo: Sequence[int]) -> float:
+    """Voxels a block computes per voxel it keeps: ``prod((b + 2h) / b)``."""
+    return math.prod((b + 2 * h) / b for b, h in zip(block, halo))
+
+
+def choose_block(shape: Sequence[int], halo: Sequence[int], *, max_voxels: float, target: float = 1.3,
+                 multiple: int = 16) -> Triple:
+    """The default block for a volume of ``shape`` and a model of ``halo`` (input voxels).
+
+    Blocks are cubes of edge a multiple of ``multiple`` (axes shorter than the edge are
+    taken whole), so the halo costs the least for their size. The smallest cube whose
+    :func:`halo_overhead` is at most ``target`` is chosen, if its read box (block +
+    2 x halo) holds at most ``max_voxels`` input voxels (what fits the device's memory);
+    otherwise the largest cube that fits, which is then the least overhead the memory
+    allows. Pure arithmetic (unit-tested); callers size ``max_voxels`` for their model.
+    """
+    shape = tuple(int(n) for n in shape)
+    halo = tuple(int(h) for h in halo)
+
+    def cube(edge: int) -> Triple:
+        return tuple(min(edge, n) for n in shape)  # type: ignore[return-value]
+
+    def read(block: Triple) -> int:
+        return math.prod(b + 2 * h for b, h in zip(block, halo))
+
+    best = cube(multiple)
+    edge = multiple
+    while True:
+        block = cube(edge)
+        if read(block) > max_voxels and block != cube(multiple):
+            return best
+        best = block
+        if halo_overhead(block, halo) <= target or block == tuple(shape):
+            return best
+        edge += multiple
+
+
 def reflect_index(idx: np.ndarray, n: int) -> np.ndarray:
     """Map indices outside ``[0, n)`` inside by mirror reflection (``np.pad`` ``reflect``)."""
     if n == 1:

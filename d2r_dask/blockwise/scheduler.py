@@ -4,7 +4,9 @@ It builds the :class:`~.layout.Layout` and the :class:`~.jobstate.Job`, creates 
 validates the output (:func:`~.jobstate.prepare_output`), then for each phase of the
 stitch mode submits the groups without a done-marker -- in this process (``serial``)
 or to a ``distributed.Client`` in a sliding window, so the scheduler holds a bounded
-number of tasks whatever the volume size -- and finally writes the NGFF metadata.
+number of tasks whatever the volume size -- then the pyramid levels the same way
+(:mod:`.pyramid`), and finally the NGFF metadata. Done-state (:func:`~.jobstate.done_flags`)
+is a bit per task, never a Python object or a file per task.
 Tasks carry a model *specification*, never a model (:mod:`.processors`); what a task
 does is in :mod:`.tasks`, what a worker keeps between tasks in :mod:`.runtime`.
 """
@@ -18,16 +20,18 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from ..errors import InputError
 from ..io.geometry import Box, Geometry
-from ..io.volume import finalize_volume, open_volume
-from .jobstate import Job, done_groups, job_hash, job_identity, prepare_output
+from ..io.volume import create_pyramid_level, open_volume, pyramid_plan, write_multiscales
+from .jobstate import Job, done_block_count, done_flags, job_hash, job_identity, prepare_output, todo_groups
 from .layout import Layout
 from .processors import ModelSpec
+from . import pyramid as _pyramid
+from .pyramid import level_layout, pyramid_group, pyramid_phase
 from .runtime import configure_workers
 from .tasks import STITCH_PHASES, check_processor, run_group
 
@@ -113,30 +117,44 @@ def run_blockwise(
             _write_line(f"d2r: {Path(output).name} on {len(client.scheduler_info(n_workers=-1)['workers'])} "
                         f"workers, dashboard {client.dashboard_link}")
 
-    for phase in STITCH_PHASES[layout.stitch]:
-        done = done_groups(job, phase)
-        todo = (gid for gid in range(layout.n_groups) if gid not in done)
-        done_blocks = sum(layout.group_size(gid) for gid in done)
-        log.info("%s: %d of %d blocks to do (%s)", Path(output).name, layout.n_blocks - done_blocks,
-                 layout.n_blocks, phase)
+    def run_phase(phase: str, phase_layout: Layout, task: Callable[[Job, str, int], int]) -> None:
+        flags = done_flags(job, phase, phase_layout.n_groups)
+        done_blocks = done_block_count(phase_layout, flags)
+        todo = todo_groups(flags)
+        log.info("%s: %d of %d blocks to do (%s)", Path(output).name, phase_layout.n_blocks - done_blocks,
+                 phase_layout.n_blocks, phase)
         t0 = time.perf_counter()
-        with _progress_bar(progress, layout.n_blocks, done_blocks, f"{Path(output).name} {phase}") as bar:
+        with _progress_bar(progress, phase_layout.n_blocks, done_blocks, f"{Path(output).name} {phase}") as bar:
             if distributed:
-                _run_distributed(client, job, phase, todo, bar, window)
+                _run_distributed(client, task, job, phase, phase_layout, todo, bar, window)
             else:
                 for gid in todo:
-                    bar.update(run_group(job, phase, gid))
-        log.info("%s %s: %d blocks in %.1f s", Path(output).name, phase, layout.n_blocks - done_blocks,
+                    bar.update(task(job, phase, gid))
+        log.info("%s %s: %d blocks in %.1f s", Path(output).name, phase, phase_layout.n_blocks - done_blocks,
                  time.perf_counter() - t0)
-    finalize_volume(output, levels=levels)
-    shutil.rmtree(job.state_dir / "done", ignore_errors=True)
+
+    for phase in STITCH_PHASES[layout.stitch]:
+        run_phase(phase, layout, run_group)
     shutil.rmtree(job.state_dir / "tiles", ignore_errors=True)
+    build_pyramid(job, levels, run_phase)
+    shutil.rmtree(job.state_dir / "done", ignore_errors=True)
     return Path(output)
 
 
-def _run_distributed(client: Any, job: Job, phase: str, todo: Iterator[int], bar: Any,
-                     window: int | None) -> None:
-    """Submit groups in a sliding window so the scheduler never holds more than ``window`` tasks.
+def build_pyramid(job: Job, levels: int, run_phase: Callable[[str, Layout, Callable[..., int]], None]) -> None:
+    """Write ``levels - 1`` coarser levels blockwise (phases ``pyramid-k``, resumable), then
+    the NGFF metadata, last (:mod:`.pyramid`)."""
+    pyramid = pyramid_plan(job.output, levels=levels, min_size=_pyramid.MIN_SIZE)
+    for level in pyramid:
+        create_pyramid_level(job.output, level)  # kept if there: a resumed run keeps its regions
+        run_phase(pyramid_phase(level), level_layout(level), pyramid_group)
+    write_multiscales(job.output, pyramid)
+
+
+def _run_distributed(client: Any, task: Callable[[Job, str, int], int], job: Job, phase: str, layout: Layout,
+                     todo: Iterator[int], bar: Any, window: int | None) -> None:
+    """Submit ``task(job, phase, gid)`` for the groups ``todo`` in a sliding window, so the
+    scheduler never holds more than ``window`` tasks.
 
     Results are not gathered (a task returns only its block count, known here); a
     failed task raises here after its retries.
@@ -146,7 +164,6 @@ def _run_distributed(client: Any, job: Job, phase: str, todo: Iterator[int], bar
     n_threads = sum(w["nthreads"] for w in client.scheduler_info(n_workers=-1)["workers"].values()) or 1
     window = window or max(4, 4 * n_threads)
     run_id = uuid.uuid4().hex[:8]
-    layout = job.layout
     ac = as_completed()
     sizes: dict[str, int] = {}
 
@@ -154,7 +171,7 @@ def _run_distributed(client: Any, job: Job, phase: str, todo: Iterator[int], bar
         gid = next(todo, None)
         if gid is None:
             return False
-        fut = client.submit(run_group, job, phase, gid, key=f"d2r-{phase}-{run_id}-{gid}", pure=False, retries=2)
+        fut = client.submit(task, job, phase, gid, key=f"d2r-{phase}-{run_id}-{gid}", pure=False, retries=2)
         sizes[fut.key] = layout.group_size(gid)
         ac.add(fut)
         return True

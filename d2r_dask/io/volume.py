@@ -20,7 +20,10 @@ module imports zarr.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -396,9 +399,10 @@ def create_volume(
     )
 
 
-def output_array(path: str | os.PathLike) -> zarr.Array:
-    """Open the full-resolution array of a volume being written (incomplete allowed)."""
-    return zarr.open_array(str(Path(path) / "0"), mode="r+")
+def output_array(path: str | os.PathLike, level: int = 0) -> zarr.Array:
+    """Open an array (``level``, default the full resolution) of a volume being written
+    (incomplete allowed)."""
+    return zarr.open_array(str(Path(path) / str(level)), mode="r+")
 
 
 def create_scratch(path: str | os.PathLike, *, shape: Sequence[int], chunks: Sequence[int]) -> zarr.Array:
@@ -444,43 +448,89 @@ def pyramid_factors(voxel_size: Sequence[float]) -> tuple[int, int, int]:
     return tuple(2 if ok else 1 for ok in finest_ok) if any(finest_ok) else (2, 2, 2)  # type: ignore[return-value]
 
 
-def finalize_volume(path: str | os.PathLike, *, levels: int = 1, min_size: int = 32) -> None:
-    """Write pyramid levels (mean downsampling), then the NGFF metadata, last.
+@dataclass(frozen=True)
+class PyramidLevel:
+    """One coarser level: array ``path`` of ``shape``/``chunks``, ``factors`` (1 or 2 per
+    axis) times coarser than the level before it, placed at ``geometry``."""
 
-    ``levels`` counts the full-resolution level; fewer are written where a level
-    would be smaller than ``min_size`` along an axis being coarsened.
-    """
+    path: str
+    shape: tuple[int, int, int]
+    chunks: tuple[int, int, int]
+    factors: tuple[int, int, int]
+    geometry: Geometry
+
+
+def pyramid_plan(path: str | os.PathLike, *, levels: int = 1, min_size: int = 32) -> list[PyramidLevel]:
+    """The levels below the full resolution that ``finalize_volume`` writes, from the
+    metadata alone. ``levels`` counts the full-resolution level; fewer are planned where
+    a level would be smaller than ``min_size`` along an axis being coarsened."""
+    group = zarr.open_group(str(path), mode="r")
+    d2r = group.attrs.asdict()["d2r"]
+    base = group["0"]
+    shape, vs, tr = np.array(base.shape), np.array(d2r["voxel_size"], float), np.array(d2r["translation"], float)
+    out: list[PyramidLevel] = []
+    for level in range(1, max(1, levels)):
+        f = np.array(pyramid_factors(vs))
+        new_shape = shape // f
+        if np.any(new_shape[f > 1] < min_size):
+            break
+        tr = tr + (f - 1) * vs / 2.0  # a coarse voxel's centre is the mean of its fine centres
+        vs = vs * f
+        shape = new_shape
+        chunks = tuple(min(int(c), int(n)) for c, n in zip(base.chunks, shape))
+        out.append(PyramidLevel(str(level), tuple(int(n) for n in shape), chunks,  # type: ignore[arg-type]
+                                tuple(int(v) for v in f), Geometry(tuple(vs), tuple(tr))))  # type: ignore[arg-type]
+    return out
+
+
+def create_pyramid_level(path: str | os.PathLike, level: PyramidLevel, *, keep: bool = True) -> zarr.Array:
+    """Create the array of ``level`` (like the base: dtype, compressors). An existing one of
+    the same shape, chunks and dtype is kept when ``keep`` (a resumed job keeps the regions
+    it wrote); otherwise it is replaced (derived data: redone from the level above)."""
+    group = zarr.open_group(str(path), mode="r+")
+    base = group["0"]
+    if keep and level.path in group:
+        old = group[level.path]
+        if isinstance(old, zarr.Array) and (old.shape, old.chunks, old.dtype) == (level.shape, level.chunks,
+                                                                                   base.dtype):
+            return old
+    return group.create_array(level.path, shape=level.shape, chunks=level.chunks, dtype=base.dtype,
+                              compressors=base.compressors, fill_value=0, dimension_names=AXES, overwrite=True)
+
+
+def downsample_region(source: zarr.Array, target: zarr.Array, factors: Sequence[int],
+                      slices: Sequence[slice]) -> None:
+    """Write ``target[slices]`` as the mean of the ``factors``-sized cells of ``source``
+    under it (integers rounded half to even and clipped), one Zarr read and one write."""
+    f = tuple(int(v) for v in factors)
+    src = tuple(slice(s.start * k, s.stop * k) for s, k in zip(slices, f))
+    data = np.asarray(source[src], dtype=np.float32)
+    n = [s.stop - s.start for s in slices]
+    mean = data.reshape(n[0], f[0], n[1], f[1], n[2], f[2]).mean(axis=(1, 3, 5))
+    dtype = np.dtype(target.dtype)
+    if np.issubdtype(dtype, np.integer):
+        mean = np.clip(np.round(mean), 0, np.iinfo(dtype).max)
+    target[tuple(slices)] = mean.astype(dtype)
+
+
+def level_regions(shape: Sequence[int], chunks: Sequence[int], per_region: int = 1 << 24) -> tuple[int, int, int]:
+    """A region shape for computing a level: whole chunks, about ``per_region`` voxels,
+    grown along x, then y, then z (a task's reads and writes stay chunk-aligned)."""
+    region = [int(c) for c in chunks]
+    for ax in (2, 1, 0):
+        while region[ax] < shape[ax] and math.prod(region) * 2 <= per_region:
+            region[ax] = min(int(shape[ax]), region[ax] * 2)
+        region[ax] = -(-region[ax] // chunks[ax]) * chunks[ax]
+    return tuple(region)  # type: ignore[return-value]
+
+
+def write_multiscales(path: str | os.PathLike, pyramid: Sequence[PyramidLevel]) -> None:
+    """Write the NGFF ``multiscales`` of the base level and ``pyramid``, then mark the
+    volume complete: the very last write of a volume."""
     group = zarr.open_group(str(path), mode="r+")
     d2r = group.attrs.asdict()["d2r"]
     geometry = Geometry(tuple(d2r["voxel_size"]), tuple(d2r["translation"]))
-    base = group["0"]
-    datasets = [_dataset("0", geometry)]
-    src, vs, tr = base, np.array(geometry.voxel_size), np.array(geometry.translation)
-    for level in range(1, max(1, levels)):
-        f = np.array(pyramid_factors(vs))
-        new_shape = np.array(src.shape) // f
-        if np.any(new_shape[f > 1] < min_size):
-            break
-        lazy = da.from_zarr(src).astype(np.float32)
-        lazy = da.coarsen(np.mean, lazy, dict(enumerate(f)), trim_excess=True)
-        if np.issubdtype(base.dtype, np.integer):
-            lazy = da.clip(da.round(lazy), 0, np.iinfo(base.dtype).max)
-        lazy = lazy.astype(base.dtype)
-        out = group.create_array(
-            str(level),
-            shape=tuple(int(n) for n in new_shape),
-            chunks=tuple(min(c, int(n)) for c, n in zip(base.chunks, new_shape)),
-            dtype=base.dtype,
-            compressors=base.compressors,
-            fill_value=0,
-            dimension_names=AXES,
-            overwrite=True,  # derived data: a level left by an interrupted finalize is redone
-        )
-        da.store(lazy.rechunk(out.chunks), out, lock=False)
-        tr = tr + (f - 1) * vs / 2.0  # a coarse voxel's centre is the mean of its fine centres
-        vs = vs * f
-        src = out
-        datasets.append(_dataset(str(level), Geometry(tuple(vs), tuple(tr))))
+    datasets = [_dataset("0", geometry)] + [_dataset(lv.path, lv.geometry) for lv in pyramid]
     group.attrs["ome"] = {
         "version": "0.5",
         "multiscales": [
@@ -492,6 +542,29 @@ def finalize_volume(path: str | os.PathLike, *, levels: int = 1, min_size: int =
         ],
     }
     group.attrs["d2r"] = {**d2r, "complete": True}
+
+
+def finalize_volume(path: str | os.PathLike, *, levels: int = 1, min_size: int = 32) -> None:
+    """Write pyramid levels (mean downsampling), then the NGFF metadata, last.
+
+    Each level is computed region by region (:func:`level_regions`) straight from Zarr:
+    memory and graph size stay bounded whatever the volume (no Dask graph). The blockwise
+    engine distributes the same regions over its workers, resumably
+    (:mod:`d2r_dask.blockwise.pyramid`); this is the in-process path (``write_volume``,
+    ``convert``). ``levels`` counts the full-resolution level.
+    """
+    from .geometry import iter_blocks
+
+    pyramid = pyramid_plan(path, levels=levels, min_size=min_size)
+    group = zarr.open_group(str(path), mode="r+")
+    src = group["0"]
+    for level in pyramid:
+        out = create_pyramid_level(path, level, keep=False)
+        region = level_regions(level.shape, level.chunks)
+        for _, box in iter_blocks(level.shape, region):
+            downsample_region(src, out, level.factors, box.slices)
+        src = out
+    write_multiscales(path, pyramid)
 
 
 def _dataset(path: str, geometry: Geometry) -> dict[str, Any]:
@@ -537,12 +610,85 @@ def write_volume(
     return Path(path)
 
 
-def store_size(path: str | os.PathLike) -> int:
-    """Bytes on disk under ``path``."""
-    path = Path(path)
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+_METADATA_FILES = ("zarr.json", ".zarray", ".zgroup", ".zattrs")
+
+
+def _metadata_files(path: Path) -> dict[str, list[Path]]:
+    """The metadata documents of the hierarchy at ``path``, by file name, each list
+    sorted: groups are listed, array folders (where the chunks are) never."""
+    found: dict[str, list[Path]] = {name: [] for name in _METADATA_FILES}
+
+    def walk(folder: Path) -> None:
+        present = [name for name in found if (folder / name).is_file()]
+        for name in present:
+            found[name].append(folder / name)
+        if ".zarray" in present or ("zarr.json" in present and json.loads(
+                (folder / "zarr.json").read_bytes()).get("node_type") == "array"):
+            return  # an array: its folder holds chunks only
+        try:
+            entries = list(os.scandir(folder))
+        except (NotADirectoryError, FileNotFoundError):
+            return
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                walk(Path(e.path))
+
+    walk(Path(path))
+    return {name: sorted(files) for name, files in found.items()}
+
+
+def metadata_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of the metadata documents (``zarr.json``, ``.zarray``) of the volume at
+    ``path``, found without listing chunk files; equal to hashing every such file that a
+    full walk of the store finds, in that order (the fingerprint of jobs made before)."""
+    found = _metadata_files(Path(path))
+    digest = hashlib.sha256()
+    for f in found["zarr.json"] + found[".zarray"]:
+        digest.update(f.read_bytes())
+    return digest.hexdigest()
+
+
+def _arrays(path: Path) -> list[zarr.Array]:
+    """The arrays of a volume: its levels (an image) or itself (a plain array)."""
+    node = zarr.open(str(path), mode="r")
+    if isinstance(node, zarr.Array):
+        return [node]
+    ms, _ = _multiscales(node.attrs.asdict())
+    return [node[d["path"]] for d in ms["datasets"]] if ms else []
+
+
+def disk_usage(path: str | os.PathLike, *, exact_up_to: int = 4096, sample: int = 512) -> dict[str, Any]:
+    """Bytes on disk of a volume (metadata and chunks or shards), without listing chunks.
+
+    Each array's storage keys follow from its metadata (grid and key encoding); up to
+    ``exact_up_to`` keys in all are each stat-ed (exact), beyond that ``sample`` keys per
+    array, evenly spread, and the mean is scaled up (``estimated``). Unwritten chunks
+    (the fill value) count 0.
+    """
+    total = sum(f.stat().st_size for files in _metadata_files(Path(path)).values() for f in files)
+    objects, looked, estimated = 0, 0, False
+    arrays = _arrays(Path(path))
+    counts = []
+    for arr in arrays:
+        grid_chunks = arr.metadata.chunk_grid.chunk_shape if arr.metadata.zarr_format == 3 else arr.metadata.chunks
+        counts.append(tuple(-(-n // c) for n, c in zip(arr.shape, grid_chunks)))
+    exact = sum(math.prod(g) for g in counts) <= exact_up_to
+    for arr, grid in zip(arrays, counts):
+        root = Path(arr.store_path.store.root) / arr.store_path.path
+        n = math.prod(grid)
+        flat = range(n) if exact else np.unique(np.linspace(0, n - 1, min(n, sample)).round().astype(np.int64))
+        size = 0
+        for i in flat:
+            key = arr.metadata.encode_chunk_key(tuple(int(v) for v in np.unravel_index(int(i), grid)))
+            try:
+                size += (root / key).stat().st_size
+            except FileNotFoundError:
+                pass
+        looked += len(flat)
+        objects += n
+        total += size if exact or len(flat) == n else round(size / len(flat) * n)
+        estimated = estimated or len(flat) < n
+    return {"bytes": int(total), "estimated": estimated, "objects": objects, "looked_at": looked}
 
 
 def describe(path: str | os.PathLike, *, sample_slices: int = 16, sample_window: int = 1024) -> dict[str, Any]:
@@ -552,28 +698,27 @@ def describe(path: str | os.PathLike, *, sample_slices: int = 16, sample_window:
     ``sample_slices`` evenly spaced z-slices.
     """
     vol = open_volume(path)
-    arr = vol.data
+    reader = open_reader(path)
     n = vol.shape[0]
     picks = np.unique(np.linspace(0, n - 1, min(n, sample_slices)).round().astype(int))
-    # a central window of each sampled slice keeps `d2r info` fast on terabyte volumes
-    window = tuple(slice(max(0, (m - sample_window) // 2), max(0, (m - sample_window) // 2) + sample_window)
+    # a central window of each sampled slice, read straight from Zarr (no Dask graph over
+    # the volume's chunks), keeps `d2r info` fast on terabyte volumes
+    window = tuple(slice(max(0, (m - sample_window) // 2), min(m, max(0, (m - sample_window) // 2) + sample_window))
                    for m in vol.shape[1:])
-    sample = np.asarray(arr[(picks, *window)].compute(scheduler="synchronous"), dtype=np.float64)
-    node = zarr.open(str(path), mode="r")
-    levels = []
-    if isinstance(node, zarr.Group):
-        ms, _ = _multiscales(node.attrs.asdict())
-        levels = [node[d["path"]].shape for d in ms["datasets"]]
+    sample = np.concatenate([reader((slice(int(z), int(z) + 1), *window)).ravel() for z in picks]).astype(np.float64)
+    levels = [tuple(a.shape) for a in _arrays(Path(path))] if vol.attrs["ngff_version"] else []
+    usage = disk_usage(path)
     return {
         "path": str(path),
         "ngff_version": vol.attrs["ngff_version"],
         "shape": tuple(vol.shape),
         "dtype": str(vol.dtype),
-        "chunks": tuple(c[0] for c in arr.chunks),
+        "chunks": tuple(c[0] for c in vol.data.chunks),
         "voxel_size_nm": vol.attrs["voxel_size"],
         "translation_nm": vol.attrs["translation"],
         "levels": levels,
-        "size_on_disk_bytes": store_size(path),
+        "size_on_disk_bytes": usage["bytes"],
+        "size_on_disk_estimated": usage["estimated"],
         "uncompressed_bytes": int(np.prod(vol.shape)) * vol.dtype.itemsize,
         "intensity_sample": {
             "slices": len(picks),

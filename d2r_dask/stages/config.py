@@ -76,9 +76,10 @@ class DGEANStage:
 @dataclass(frozen=True)
 class InferStage:
     """Stage IV: blockwise DGEAN inference; ``group`` blocks per task, run as one batch
-    (``batch`` is its deprecated name)."""
+    (``batch`` is its deprecated name). ``block`` None: sized to the device and DGEAN's
+    halo (:func:`~d2r_dask.stages.sizing.infer_block`), then recorded in ``run.json``."""
 
-    block: tuple[int, int, int] = (32, 128, 128)
+    block: tuple[int, int, int] | None = None
     group: int = 1
     tta: bool = False
     batch: InitVar[int | None] = None
@@ -132,7 +133,7 @@ class RunConfig:
         return cls(**kwargs)
 
 
-_OPTIONAL = {"int | None": 0, "float | None": 0.0, "str | None": ""}
+_OPTIONAL = {"int | None": 0, "float | None": 0.0, "str | None": "", "tuple[int, int, int] | None": (0, 0, 0)}
 """Options that default to None (``auto``): checked against the type their annotation names."""
 
 

@@ -23,7 +23,7 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -86,6 +86,7 @@ def stage2_roi(shape: Sequence[int], cfg: RunConfig) -> Box:
 def plan(lr_path: str | os.PathLike, cfg: RunConfig) -> dict[str, Any]:
     """What each stage will do: data, blocks, network evaluations (no computation)."""
     from ..models.dgean import dgean_config, flops_per_output_voxel, receptive_field
+    from .sizing import device_info, infer_block
 
     lr = open_volume(lr_path)
     s = cfg.factor
@@ -99,7 +100,8 @@ def plan(lr_path: str | os.PathLike, cfg: RunConfig) -> dict[str, Any]:
     nfe = nfe or 100  # what Stage II runs, whichever the sampler (sde without steps runs all T)
     dcfg = dgean_config(cfg.dgean.preset, s, cfg.mode)
     halo = receptive_field(dcfg)
-    blocks = math.prod(grid_shape(shape, cfg.infer.block))
+    sized = infer_block(shape, dcfg, device_info(cfg.device), block=cfg.infer.block, tta=cfg.infer.tta)
+    blocks = sized["blocks"]
     hr_voxels = shape[0] * s * shape[1] * shape[2]
     return {
         "input": {"path": str(lr_path), "shape": shape, "voxel_size_nm": lr.attrs["voxel_size"],
@@ -115,7 +117,9 @@ def plan(lr_path: str | os.PathLike, cfg: RunConfig) -> dict[str, Any]:
              "sampler": f"{sampler} x{nfe}"},
             {"stage": "III train DGEAN", "steps": cfg.dgean.steps, "batch": cfg.dgean.batch_size,
              "network_evaluations": cfg.dgean.steps * cfg.dgean.batch_size, "preset": cfg.dgean.preset},
-            {"stage": "IV infer", "blocks": blocks, "halo": list(halo),
+            {"stage": "IV infer", "blocks": blocks, "halo": list(halo), "block": sized["block"],
+             "halo_overhead": sized["halo_overhead"], "device": sized["device"],
+             "estimated_seconds": sized["estimated_seconds"], "estimate": sized["estimate"],
              "network_evaluations": blocks * (8 if cfg.infer.tta else 1),
              "gflop": hr_voxels * flops_per_output_voxel(dcfg) * (8 if cfg.infer.tta else 1) / 1e9},
         ],
@@ -141,6 +145,15 @@ def _restorer_config(cfg: RunConfig) -> Any:
     r = cfg.restorer
     return RestorerConfig(factor=cfg.factor, mode=cfg.mode, preset=r.preset, patch=r.patch, recipe=r.recipe,
                           sampler=r.sampler, sampler_steps=r.sampler_steps)
+
+
+def _recorded_block(cfg: RunConfig, recorded: dict[str, Any]) -> RunConfig:
+    """``cfg`` with the Stage IV block a recorded run used, where ``cfg`` leaves it to the
+    device (a resumed run, also one recorded before blocks were sized, keeps its block)."""
+    block = recorded.get("infer", {}).get("block")
+    if cfg.infer.block is None and block is not None:
+        return replace(cfg, infer=replace(cfg.infer, block=tuple(block)))
+    return cfg
 
 
 def _training_done(folder: Path, steps: int) -> bool:
@@ -182,6 +195,7 @@ def run(
     if paths.record.exists() and not overwrite:
         record = json.loads(paths.record.read_text())
         record["config"] = upgrade_config(record.get("config", {}), warn=False)  # runs recorded before a rename
+        cfg = _recorded_block(cfg, record["config"])
         if record.get("config") != cfg.to_dict() or record.get("input") != str(paths.lr.resolve()):
             old = record.get("config", {})
             diff = sorted(k for k in set(old) | set(cfg.to_dict()) if old.get(k) != cfg.to_dict().get(k))
@@ -193,6 +207,14 @@ def run(
         for old in (paths.workdir, paths.output):
             if old.exists():
                 shutil.rmtree(old)
+    if cfg.infer.block is None:  # sized once, to this device, and recorded: a resume keeps it
+        from ..models.dgean import dgean_config
+        from .sizing import device_info, infer_block
+
+        sized = infer_block(tuple(lr.shape), dgean_config(cfg.dgean.preset, cfg.factor, cfg.mode),
+                            device_info(cfg.device), tta=cfg.infer.tta)
+        cfg = replace(cfg, infer=replace(cfg.infer, block=tuple(sized["block"])))
+        log.info("Stage IV block %s (halo overhead %.2fx)", sized["block"], sized["halo_overhead"])
     paths.workdir.mkdir(parents=True, exist_ok=True)
     intensity = Intensity(**record["intensity"]) if "intensity" in record else Intensity.for_volume(lr.data)
     record.update({"input": str(paths.lr.resolve()), "output": str(paths.output.resolve()),
