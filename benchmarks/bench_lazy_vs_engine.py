@@ -5,15 +5,16 @@
 * lazy: ``write_volume(super_resolve(open_volume(lr), model), out, client=client)`` -- a
   ``da.map_overlap`` graph over the same blocks, streamed to Zarr by ``da.store``.
 
-Both on one LocalCluster (``--workers`` processes x 1 thread, restarted before each run so
-each starts from the same RSS), and, with ``--local``, in this process too (engine
+Both on one LocalCluster (``--workers`` processes x 1 thread, restarted before each run and
+torch imported, so each starts from the same RSS and neither pays the imports), and, with ``--local``, in this process too (engine
 ``serial=True``; lazy on Dask's threads, as many as the cores hold torch's threads). Reported:
-wall seconds, LR and SR voxels per second, the lazy/engine throughput ratio, peak worker
+wall seconds (jobs alternate, best of ``--repeats``), seconds inside the model, SR voxels
+per second, the lazy/engine throughput ratio, peak worker
 RSS (sampled every 0.25 s) and whether both outputs are bit-identical. The model is a tiny
 DGEAN with random weights (speed does not depend on training); the volume is synthetic.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_lazy_vs_engine.py            # a few minutes on 2 cores
-    python benchmarks/bench_lazy_vs_engine.py --shape 32 256 256 --block 32 128 128 --repeats 2
+    OMP_NUM_THREADS=1 python benchmarks/bench_lazy_vs_engine.py --local --repeats 2   # ~5 min on 2 cores
+    python benchmarks/bench_lazy_vs_engine.py --shape 64 512 512 --block 32 128 128 --workers 4
 """
 
 from __future__ import annotations
@@ -76,23 +77,32 @@ class LocalRss:
                 "samples": len(self.samples)}
 
 
-def run_one(name: str, fn: Callable[[], Any], sampler: Any, repeats: int, before: Callable[[], None]) -> dict:
-    """Best of ``repeats`` wall times; the memory of the first run (from a fresh start)."""
-    seconds, memory = [], None
+def compare(jobs: dict[str, Callable[[], Any]], sampler: Callable[[], Any], before: Callable[[str], None],
+            model_seconds: Callable[[], float], repeats: int) -> dict[str, dict[str, Any]]:
+    """Run the jobs alternately ``repeats`` times (so a change in the shared machine's load
+    hits both alike); per job the best wall time, its model seconds (summed over workers)
+    and the memory of its first run (from a fresh start)."""
+    out: dict[str, dict[str, Any]] = {name: {"runs_s": []} for name in jobs}
     for _ in range(repeats):
-        before()
-        with sampler() as rss:
-            t0 = time.perf_counter()
-            fn()
-            seconds.append(time.perf_counter() - t0)
-        memory = memory or rss.summary()
-    print(f"  {name}: {min(seconds):.1f} s (runs {', '.join(f'{s:.1f}' for s in seconds)})", flush=True)
-    return {"seconds": min(seconds), "runs_s": seconds, **memory}
+        for name, fn in jobs.items():
+            before(name)
+            m0 = model_seconds()
+            with sampler() as rss:
+                t0 = time.perf_counter()
+                fn()
+                seconds = time.perf_counter() - t0
+            row = out[name]
+            if not row["runs_s"] or seconds < min(row["runs_s"]):
+                row["seconds"], row["model_s"] = seconds, model_seconds() - m0
+            row["runs_s"].append(seconds)
+            row.setdefault("memory", rss.summary())
+            print(f"  {name}: {seconds:.1f} s", flush=True)
+    return {name: {**{k: v for k, v in row.items() if k != "memory"}, **row["memory"]} for name, row in out.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", type=int, nargs=3, default=(16, 128, 128), help="LR volume (z y x)")
+    ap.add_argument("--shape", type=int, nargs=3, default=(32, 256, 256), help="LR volume (z y x)")
     ap.add_argument("--block", type=int, nargs=3, default=(16, 64, 64))
     ap.add_argument("--factor", type=int, default=4)
     ap.add_argument("--preset", default="tiny")
@@ -107,6 +117,7 @@ def main() -> None:
     from distributed import Client, LocalCluster
 
     import d2r_dask as d2r
+    from d2r_dask.blockwise.runtime import worker_stats
     from d2r_dask.io.volume import open_volume
     from d2r_dask.stages.infer import infer
 
@@ -126,11 +137,13 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                       memory_limit=args.memory_limit) as cluster, Client(cluster) as client:
-        def fresh(name: str) -> Callable[[], None]:
-            def go() -> None:
-                clean(name)()
-                client.restart()
-            return go
+        def fresh(name: str) -> None:  # fresh workers with torch imported: the same start for both paths
+            clean(name)()
+            client.restart()
+            client.run(lambda: __import__("d2r_dask.stages.infer"))
+
+        def worker_model_seconds() -> float:
+            return sum(s["seconds"].get("model", 0.0) for s in client.run(worker_stats).values())
 
         print(f"distributed: {args.workers} workers x 1 thread, {blocks} blocks of {block}", flush=True)
         jobs = {
@@ -138,9 +151,9 @@ def main() -> None:
             "lazy": lambda: d2r.write_volume(d2r.super_resolve(d2r.open_volume(lr), model, block=block),
                                              out["lazy"], levels=1, client=client),
         }
-        for name, fn in jobs.items():
-            rows.append({"mode": f"{args.workers} workers", "path": name,
-                         **run_one(name, fn, lambda: RssSampler(client), args.repeats, fresh(name))})
+        for name, row in compare(jobs, lambda: RssSampler(client), fresh, worker_model_seconds,
+                                 args.repeats).items():
+            rows.append({"mode": f"{args.workers} workers", "path": name, **row})
     if args.local:
         import torch
 
@@ -151,9 +164,9 @@ def main() -> None:
             "lazy-local": lambda: d2r.write_volume(d2r.super_resolve(d2r.open_volume(lr), model, block=block),
                                                    out["lazy-local"], levels=1),
         }
-        for name, fn in jobs.items():
-            rows.append({"mode": "this process", "path": name.removesuffix("-local"),
-                         **run_one(name, fn, LocalRss, args.repeats, clean(name))})
+        for name, row in compare(jobs, LocalRss, lambda name: clean(name)(),
+                                 lambda: worker_stats()["seconds"].get("model", 0.0), args.repeats).items():
+            rows.append({"mode": "this process", "path": name.removesuffix("-local"), **row})
 
     ref = open_volume(out["engine"]).values
     for row, name in zip(rows, out):
@@ -166,7 +179,7 @@ def main() -> None:
     load_end = list(os.getloadavg())
     print(f"\nLR {tuple(args.shape)} x{args.factor}, DGEAN {args.preset}, block {block} ({blocks} blocks); "
           f"load average {info['load_average_at_start']} at start, {load_end} at end")
-    print_table(rows, ["mode", "path", "seconds", "sr_voxels_per_s", "throughput_vs_engine", "worker_start_mib",
+    print_table(rows, ["mode", "path", "seconds", "model_s", "sr_voxels_per_s", "throughput_vs_engine", "worker_start_mib",
                        "worker_peak_mib", "peak_rss_vs_engine", "identical_to_engine"])
     save("bench_lazy_vs_engine", {
         "machine": {**info, "load_average_at_end": load_end},
@@ -174,6 +187,8 @@ def main() -> None:
         "params": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "blocks": blocks, "rows": rows,
         "notes": "throughput_vs_engine = engine seconds / lazy seconds (> 1: the lazy path is faster); "
+                 "model_s = seconds inside the model, summed over workers (wall x workers when they are "
+                 "busy; more than the engine's = CPU contention on the shared machine, not overhead); "
                  "worker_peak_mib is the largest worker's peak RSS (this process's in the local mode)",
     })
 

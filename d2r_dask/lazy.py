@@ -219,7 +219,10 @@ def _as_volume(lr: Any, voxel_size: Sequence[float] | None, translation: Sequenc
     if isinstance(lr, xr.DataArray):
         if tuple(lr.dims) != AXES:
             raise InputError(f"expected a DataArray with dims {AXES}, got {tuple(lr.dims)}; transpose it first")
-        vs = voxel_size or lr.attrs.get("voxel_size") or _spacing(lr)
+        vs = voxel_size or lr.attrs.get("voxel_size")
+        spacing = _spacing(lr)  # the coordinates win over attributes they contradict (a strided slice)
+        if not voxel_size and spacing is not None and (vs is None or not np.allclose(spacing, vs, rtol=1e-6)):
+            vs = spacing
         if vs is None:
             raise InputError("the DataArray has no voxel size (attrs or coordinates); pass voxel_size=(z, y, x) in nm")
         tr = translation or tuple(float(lr[ax].values[0]) if ax in lr.coords and lr.sizes[ax] else t

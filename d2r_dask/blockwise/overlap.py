@@ -38,10 +38,11 @@ from .tasks import crop_region, merge_region, tile_region
 
 log = logging.getLogger(__name__)
 
-MAX_BLOCKS = 4096
-"""The most blocks a lazy graph may hold (a few tens of tasks each, so about 10^5 tasks:
-what the Dask scheduler handles interactively). Beyond it, the batch engine's sliding
-window is the tool."""
+MAX_BLOCKS = 2048
+"""The most blocks a lazy graph may hold. A block costs 30-100 tasks (padding, rechunking,
+overlap, the model, the slice; measured), so 2048 blocks are about 10^5 tasks and some
+seconds to build: what the Dask scheduler handles interactively. Beyond it, the batch
+engine's sliding window (a few dozen tasks in flight whatever the volume) is the tool."""
 
 
 def reflect_pad(data: da.Array, roi: Box, before: Sequence[int], after: Sequence[int]) -> da.Array:

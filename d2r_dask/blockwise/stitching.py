@@ -13,10 +13,9 @@
   ``merge`` sums the (up to 27) tiles covering each output chunk. For models whose
   tiles disagree (stochastic samplers, position-dependent networks).
 
-The stitching rules are the ones home of both runners: the engine's phases
-(:mod:`.tasks`, Zarr in and out) and the lazy Dask graph (:mod:`.overlap`) call
-:func:`crop_margins`, :func:`weighted_tile` and :func:`merge_block`, so both give the
-same bits.
+This is the one home of the stitching rules: the engine's phases (:mod:`.tasks`, Zarr
+in and out) and the lazy Dask graph (:mod:`.overlap`) both call :func:`crop_margins`,
+:func:`weighted_tile` and :func:`merge_block`, so both give the same bits.
 """
 
 from __future__ import annotations
