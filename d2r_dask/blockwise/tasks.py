@@ -54,19 +54,15 @@ def read_boxes(job: Job, boxes: Sequence[Box]) -> np.ndarray:
 
 def check_processor(job: Job) -> tuple[Triple, Triple]:
     """Load the job's processor here and check it fits the layout; return ``(halo, scale)``."""
-    return check_layout(job.spec, job.model_token, job.layout)
-
-
-def check_layout(spec: ModelSpec, token: str, layout: Layout) -> tuple[Triple, Triple]:
-    """Load ``spec``'s processor in this process and check it fits ``layout``; return ``(halo, scale)``."""
-    proc = processor(spec, token)
+    proc = processor(job.spec, job.model_token)
+    layout = job.layout
     if tuple(proc.scale) != layout.scale:
-        raise InputError(f"model {spec.kind!r} scales by {tuple(proc.scale)} but the job asks for "
+        raise InputError(f"model {job.spec.kind!r} scales by {tuple(proc.scale)} but the job asks for "
                          f"{layout.scale}; pass scale={tuple(proc.scale)}")
     if layout.stitch == "crop" and any(h < r for h, r in zip(layout.halo, proc.halo)):
         raise InputError(
             f"halo {layout.halo} is smaller than the receptive field {tuple(proc.halo)} of model "
-            f"{spec.kind!r}: crop mode would show seams; use halo >= {tuple(proc.halo)}"
+            f"{job.spec.kind!r}: crop mode would show seams; use halo >= {tuple(proc.halo)}"
         )
     return tuple(proc.halo), tuple(proc.scale)  # type: ignore[return-value]
 
