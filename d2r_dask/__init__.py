@@ -5,6 +5,8 @@ The Python API mirrors the ``d2r`` commands::
     import d2r_dask as d2r
     lr = d2r.open_volume("lr.zarr")                       # lazy (z, y, x) DataArray in nm
     d2r.run("lr.zarr", "sr.zarr", d2r.RunConfig(factor=8))  # Stages I-IV, resumable
+    sr = d2r.super_resolve(lr, d2r.load_model("sr.d2r-work/dgean"))  # Stage IV, lazy
+    d2r.write_volume(sr[:, 1000:2000], "crop.zarr")        # streamed to OME-Zarr
     from d2r_dask.evaluation.evaluate import evaluate
     evaluate("gt.zarr", {"sr": "sr.zarr"}, lr_path="lr.zarr", out_dir="report")
 
@@ -19,7 +21,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "open_volume": "io.volume", "write_volume": "io.volume", "create_volume": "io.volume", "Geometry": "io.geometry",
+    "open_volume": "io.volume", "create_volume": "io.volume", "Geometry": "io.geometry",
+    "load_model": "lazy", "super_resolve": "lazy", "restore_slices": "lazy", "write_volume": "lazy",
     "AxialDegradation": "data.degrade", "degrade_volume": "data.degrade", "upsample_axis": "data.degrade",
     "synth_dask": "data.synth", "synth_block": "data.synth",
     "run_blockwise": "blockwise.scheduler", "ModelSpec": "blockwise.processors", "connect": "blockwise.cluster",

@@ -6,13 +6,18 @@ joins a running scheduler (dask-jobqueue on SLURM, a dask-cuda node, ...);
 ``connect(client)`` uses a ``Client`` the caller made. Threads are never
 oversubscribed: each worker runs one task at a time, and the engine gives torch
 ``cores // workers on the host`` threads.
+
+Without an explicit ``client=``, the path API (``restore``, ``infer``, ``run``) and the lazy
+API run on the process's default ``distributed.Client`` (the one a notebook made last) when
+there is one (:func:`current_client`, :func:`resolve_client`), else in this process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterator
+import os
+from typing import Any, Iterator
 
 from distributed import Client, LocalCluster
 
@@ -72,3 +77,34 @@ def connect(scheduler: str | Client | None = None, *, n_workers: int | None = No
     with local_cluster(n_workers=n_workers, memory_limit=memory_limit) as cluster, Client(cluster) as client:
         log.info("started %s (dashboard %s)", cluster, client.dashboard_link)
         yield client
+
+
+def current_client() -> Client | None:
+    """The default ``distributed.Client`` of this process (a notebook's), or None.
+
+    None inside a task on a Dask worker (a task must not submit the blockwise job to the
+    cluster it runs on) and for a client that is closed or closing.
+    """
+    from distributed import default_client, get_worker
+
+    try:
+        get_worker()
+        return None  # inside a worker's task
+    except ValueError:
+        pass
+    try:
+        client = default_client()
+    except ValueError:
+        return None
+    return client if client.status in ("running", "connecting", "newly-created") else None
+
+
+def resolve_client(client: Any = None, serial: bool = False) -> Any:
+    """The client a job runs on: ``client`` if given, none when ``serial``, else the default
+    client if one exists (logged), else None (this process)."""
+    if client is not None or serial:
+        return client
+    client = current_client()
+    if client is not None:
+        log.info("using the default Dask client (%s); pass client= or serial=True to choose", client.dashboard_link)
+    return client

@@ -12,14 +12,19 @@
   Phase ``tiles`` writes each tile's weighted prediction to a scratch array, phase
   ``merge`` sums the (up to 27) tiles covering each output chunk. For models whose
   tiles disagree (stochastic samplers, position-dependent networks).
+
+This is the one home of the stitching rules: the engine's phases (:mod:`.tasks`, Zarr
+in and out) and the lazy Dask graph (:mod:`.overlap`) both call :func:`crop_margins`,
+:func:`weighted_tile` and :func:`merge_block`, so both give the same bits.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
+from ..io.geometry import Box, Triple
 from .layout import Layout
 from .processors import BlockProcessor
 
@@ -56,6 +61,51 @@ def blend_weights(layout: Layout, index: Sequence[int]) -> np.ndarray:
         full, halo = b * s, h * s
         ws.append(blend_weights_1d(full + 2 * halo, i * full, full, halo, n * s))
     return ws[0][:, None, None] * ws[1][None, :, None] * ws[2][None, None, :]
+
+
+def out_margin(layout: Layout, margin: Sequence[int]) -> Triple:
+    """``margin`` (input voxels) in output voxels."""
+    return tuple(m * s for m, s in zip(margin, layout.scale))  # type: ignore[return-value]
+
+
+def crop_margins(layout: Layout, out: np.ndarray, *, halo: bool = True) -> np.ndarray:
+    """A batch ``(B, Z, Y, X)`` of predictions on read boxes, cropped to the full-size
+    blocks (``crop``: halo and context) or to the tiles (``blend``: context only)."""
+    margin = [c + (h if halo else 0) for h, c in zip(layout.halo, layout.context)]
+    ms = out_margin(layout, margin)
+    return out[(slice(None),) + tuple(slice(m, n - m) for m, n in zip(ms, out.shape[1:]))]
+
+
+def tile_shape(layout: Layout) -> Triple:
+    """The output shape of one ``blend`` tile: the full-size block and twice the halo."""
+    return tuple(b + 2 * h for b, h in zip(layout.out_block, out_margin(layout, layout.halo)))  # type: ignore[return-value]
+
+
+def weighted_tile(layout: Layout, index: Sequence[int], values: np.ndarray) -> np.ndarray:
+    """The tile at ``index`` (context cropped) times its blend weight: what the tiles phase stores."""
+    return values * blend_weights(layout, index)
+
+
+def merge_block(layout: Layout, index: Sequence[int],
+                read_tile: Callable[[Triple, Box], np.ndarray]) -> np.ndarray:
+    """Sum the (up to 27) weighted tiles over the full-size output block at ``index``.
+
+    ``read_tile(neighbour, box)`` returns the part ``box`` (in that neighbour's tile
+    coordinates) of the neighbour's weighted tile. The tiles are added in one fixed
+    order, so every runner gets the same float32 sums.
+    """
+    hs = out_margin(layout, layout.halo)
+    shape = tile_shape(layout)
+    acc = np.zeros(layout.out_block, dtype=np.float32)
+    for off in np.ndindex(*(3 if h else 1 for h in layout.halo)):
+        nb = tuple(i + (o - 1 if h else 0) for i, o, h in zip(index, off, layout.halo))
+        if any(n < 0 or n >= g for n, g in zip(nb, layout.grid)):
+            continue
+        # the neighbour's tile, in this block's full-size output frame
+        lo = tuple((n - i) * b - h for n, i, b, h in zip(nb, index, layout.out_block, hs))
+        dst = Box(lo, tuple(a + t for a, t in zip(lo, shape))).clip(layout.out_block)
+        acc[dst.slices] += read_tile(nb, dst.shift(lo))  # type: ignore[arg-type]
+    return acc
 
 
 def apply_whole(processor: BlockProcessor, volume: np.ndarray, halo: Sequence[int]) -> np.ndarray:

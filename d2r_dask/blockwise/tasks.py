@@ -1,7 +1,7 @@
-"""What one task does: read a group of blocks, run the model, write what they own.
+"""What one task does: read blocks, run the model, stitch what they own.
 
-A task is ``run_group(job, phase, group_id)``: the group's blocks go to the model as
-one batch, and the phase function named by ``phase`` writes the result; then the
+A task of the engine is ``run_group(job, phase, group_id)``: the group's blocks go to the
+model as one batch, and the phase function named by ``phase`` writes the result; then the
 group's done-marker is left. The phases of each stitch mode (:data:`STITCH_PHASES`):
 
 * ``crop``: ``write`` -- predict, crop the halos, write the owned output chunks.
@@ -10,11 +10,19 @@ group's done-marker is left. The phases of each stitch mode (:data:`STITCH_PHASE
 
 Blocks are read straight from Zarr (a group's blocks along a row in one read, their
 outputs in one write), so every output chunk is written whole, once, by one task.
+
+A task of the lazy Dask graph (:mod:`.overlap`) gets its input as a NumPy region instead:
+:func:`crop_region`, :func:`tile_region` and :func:`merge_region` are the same phases
+on arrays. Both kinds call one processor call (:func:`run_processor`), one crop
+(:func:`~.stitching.crop_margins`), one blend (:func:`~.stitching.weighted_tile`,
+:func:`~.stitching.merge_block`) and one cast (:func:`~d2r_dask.io.volume.to_dtype`),
+so the lazy path and the engine give the same bits.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
 from typing import Callable, Sequence
 
@@ -24,9 +32,10 @@ from ..errors import InputError
 from ..io.geometry import Box, Triple
 from ..io.volume import to_dtype
 from .jobstate import Job, mark_done
-from .layout import read_reflected
+from .layout import Layout, read_reflected
+from .processors import BlockProcessor, ModelSpec
 from .runtime import RUNTIME
-from .stitching import blend_weights
+from .stitching import crop_margins, merge_block, tile_shape, weighted_tile
 
 
 def read_boxes(job: Job, boxes: Sequence[Box]) -> np.ndarray:
@@ -45,7 +54,7 @@ def read_boxes(job: Job, boxes: Sequence[Box]) -> np.ndarray:
 
 def check_processor(job: Job) -> tuple[Triple, Triple]:
     """Load the job's processor here and check it fits the layout; return ``(halo, scale)``."""
-    proc = RUNTIME.processor(job.spec, job.model_token)
+    proc = processor(job.spec, job.model_token)
     layout = job.layout
     if tuple(proc.scale) != layout.scale:
         raise InputError(f"model {job.spec.kind!r} scales by {tuple(proc.scale)} but the job asks for "
@@ -58,20 +67,45 @@ def check_processor(job: Job) -> tuple[Triple, Triple]:
     return tuple(proc.halo), tuple(proc.scale)  # type: ignore[return-value]
 
 
+_LOAD_LOCK = threading.Lock()
+
+
+def processor(spec: ModelSpec, token: str) -> BlockProcessor:
+    """This process's processor for ``spec`` (loaded once; one loader at a time, since the
+    lazy graph may run tasks on several threads of one process)."""
+    with _LOAD_LOCK:
+        return RUNTIME.processor(spec, token)
+
+
+def run_processor(spec: ModelSpec, token: str, batch: np.ndarray, origins: Sequence[Triple],
+                  scale: Sequence[int]) -> np.ndarray:
+    """The model's output for a batch of read boxes: the one place a processor is called.
+
+    ``batch`` is ``(B, Z, Y, X)`` raw intensities (cast to float32 here; the processor
+    maps them to its unit range); ``origins`` are the read boxes' global first voxels.
+    """
+    proc = processor(spec, token)
+    batch = np.ascontiguousarray(batch, dtype=np.float32)
+    with RUNTIME.timed("model"):
+        out = np.asarray(proc(batch, origins), dtype=np.float32)
+    expected = tuple(n * s for n, s in zip(batch.shape[1:], scale))
+    if out.shape[1:] != expected or out.shape[0] != batch.shape[0]:
+        raise InputError(f"model returned blocks of shape {out.shape[1:]}, expected {expected}")
+    return out
+
+
+def origins_of(layout: Layout, boxes: Sequence[Box]) -> list[Triple]:
+    """Global input coordinates of the first voxel of each (ROI-relative) read box."""
+    return [tuple(a + r for a, r in zip(b.start, layout.roi.start)) for b in boxes]  # type: ignore[misc]
+
+
 def predict(job: Job, indices: Sequence[Triple]) -> np.ndarray:
     """The model's output for the read boxes of the blocks at ``indices`` (full-size, with halos)."""
     layout = job.layout
-    proc = RUNTIME.processor(job.spec, job.model_token)
     boxes = [layout.read_box(i) for i in indices]
     with RUNTIME.timed("read"):
         batch = read_boxes(job, boxes)
-    origins = [tuple(a + r for a, r in zip(b.start, layout.roi.start)) for b in boxes]
-    with RUNTIME.timed("model"):
-        out = np.asarray(proc(batch, origins), dtype=np.float32)
-    expected = tuple(n * s for n, s in zip(batch.shape[1:], layout.scale))
-    if out.shape[1:] != expected:
-        raise InputError(f"model returned blocks of shape {out.shape[1:]}, expected {expected}")
-    return out
+    return run_processor(job.spec, job.model_token, batch, origins_of(layout, boxes), layout.scale)
 
 
 def write_blocks(job: Job, items: Sequence[tuple[Triple, np.ndarray]]) -> None:
@@ -99,57 +133,114 @@ def write_blocks(job: Job, items: Sequence[tuple[Triple, np.ndarray]]) -> None:
             out[union.slices] = np.concatenate([v for _, v in run], axis=2)
 
 
-def _out_margin(job: Job, margin: Triple) -> Triple:
-    """``margin`` (input voxels) in output voxels."""
-    return tuple(m * s for m, s in zip(margin, job.layout.scale))  # type: ignore[return-value]
-
-
 def write_phase(job: Job, indices: Sequence[Triple]) -> None:
     """``crop``: predict, crop halo and context, write the owned chunks."""
-    hs, cs = _out_margin(job, job.layout.halo), _out_margin(job, job.layout.context)
-    out = predict(job, indices)
-    crop = (slice(None),) + tuple(slice(h + c, n - h - c) for h, c, n in zip(hs, cs, out.shape[1:]))
+    out = crop_margins(job.layout, predict(job, indices))
     with RUNTIME.timed("write"):
-        write_blocks(job, list(zip(indices, out[crop])))
+        write_blocks(job, list(zip(indices, out)))
 
 
 def tiles_phase(job: Job, indices: Sequence[Triple]) -> None:
     """``blend``, first phase: predict, crop the context, write each weighted tile to scratch."""
     layout = job.layout
-    cs = _out_margin(job, layout.context)
-    out = predict(job, indices)
-    out = out[(slice(None),) + tuple(slice(c, n - c) for c, n in zip(cs, out.shape[1:]))]
+    out = crop_margins(layout, predict(job, indices), halo=False)
     tiles = RUNTIME.tiles(job)
     with RUNTIME.timed("write"):
         for index, values in zip(indices, out):
             sl = tuple(slice(i * n, (i + 1) * n) for i, n in zip(index, values.shape))
-            tiles[sl] = values * blend_weights(layout, index)
+            tiles[sl] = weighted_tile(layout, index, values)
 
 
 def merge_phase(job: Job, indices: Sequence[Triple]) -> None:
     """``blend``, second phase: sum the (up to 27) weighted tiles over each owned chunk, write it."""
     layout = job.layout
-    hs = _out_margin(job, layout.halo)
     tiles = RUNTIME.tiles(job)
-    tile_shape = tuple(b + 2 * h for b, h in zip(layout.out_block, hs))
-    items = []
+    shape = tile_shape(layout)
+
+    def read_tile(nb: Triple, box: Box) -> np.ndarray:
+        return tiles[box.shift(tuple(-n * t for n, t in zip(nb, shape))).slices]
+
     t0 = time.perf_counter()
-    for index in indices:
-        acc = np.zeros(layout.out_block, dtype=np.float32)
-        for off in np.ndindex(*(3 if h else 1 for h in layout.halo)):
-            nb = tuple(i + (o - 1 if h else 0) for i, o, h in zip(index, off, layout.halo))
-            if any(n < 0 or n >= g for n, g in zip(nb, layout.grid)):
-                continue
-            # the neighbour's tile, in this block's full-size output frame
-            lo = tuple((n - i) * b - h for n, i, b, h in zip(nb, index, layout.out_block, hs))
-            dst = Box(lo, tuple(a + t for a, t in zip(lo, tile_shape))).clip(layout.out_block)
-            src = dst.shift(lo)
-            origin = tuple(n * t for n, t in zip(nb, tile_shape))
-            acc[dst.slices] += tiles[src.shift(tuple(-o for o in origin)).slices]
-        items.append((index, acc))
+    items = [(index, merge_block(layout, index, read_tile)) for index in indices]
     RUNTIME.add_seconds("read", time.perf_counter() - t0)
     with RUNTIME.timed("write"):
         write_blocks(job, items)
+
+
+# --- the same phases on in-memory regions (the lazy Dask graph) -------------------------------
+
+
+def region_blocks(layout: Layout, first: Sequence[int], shape: Sequence[int], unit: Sequence[int],
+                  margin: Sequence[int] = (0, 0, 0)) -> list[Triple]:
+    """Grid indices (C order) of the blocks a region of ``shape`` holds, starting at block
+    ``first``: ``unit`` voxels per block plus ``margin`` on each side of the region."""
+    counts = [(n - 2 * m) // u for n, m, u in zip(shape, margin, unit)]
+    return [tuple(int(f + o) for f, o in zip(first, off)) for off in np.ndindex(*counts)]  # type: ignore[misc]
+
+
+def predict_region(spec: ModelSpec, token: str, layout: Layout, region: np.ndarray,
+                   first: Sequence[int]) -> list[tuple[Triple, np.ndarray]]:
+    """The model's outputs for the blocks whose read boxes tile ``region``.
+
+    ``region`` is the padded input from the read box of block ``first`` to the read box of
+    the region's last block; blocks go to the model in runs of ``layout.group`` (C order).
+    """
+    margin = tuple(h + c for h, c in zip(layout.halo, layout.context))
+    indices = region_blocks(layout, first, region.shape, layout.block, margin)
+    start = layout.read_box(first).start
+    items: list[tuple[Triple, np.ndarray]] = []
+    for a in range(0, len(indices), layout.group):
+        group = indices[a:a + layout.group]
+        boxes = [layout.read_box(i) for i in group]
+        batch = np.stack([region[b.shift(start).slices] for b in boxes])
+        items.extend(zip(group, run_processor(spec, token, batch, origins_of(layout, boxes), layout.scale)))
+    RUNTIME.blocks += len(indices)
+    return items
+
+
+def _local(index: Sequence[int], first: Sequence[int], unit: Sequence[int]) -> tuple[slice, ...]:
+    return tuple(slice((i - f) * u, (i - f + 1) * u) for i, f, u in zip(index, first, unit))
+
+
+def crop_region(spec: ModelSpec, token: str, layout: Layout, region: np.ndarray, first: Sequence[int],
+                out_dtype: str) -> np.ndarray:
+    """``crop`` on a region: the full-size output blocks of its blocks, cropped and cast."""
+    items = predict_region(spec, token, layout, region, first)
+    counts = [(n - 2 * (h + c)) // b for n, h, c, b in zip(region.shape, layout.halo, layout.context, layout.block)]
+    out = np.empty(tuple(k * b for k, b in zip(counts, layout.out_block)), dtype=out_dtype)
+    for index, values in items:
+        out[_local(index, first, layout.out_block)] = to_dtype(crop_margins(layout, values[None])[0], out_dtype)
+    return out
+
+
+def tile_region(spec: ModelSpec, token: str, layout: Layout, region: np.ndarray, first: Sequence[int]) -> np.ndarray:
+    """``blend`` tiles on a region: its blocks' weighted tiles side by side (float32), laid
+    out as in the engine's scratch array (tile ``i`` at ``i * tile_shape``)."""
+    items = predict_region(spec, token, layout, region, first)
+    shape = tile_shape(layout)
+    counts = [(n - 2 * (h + c)) // b for n, h, c, b in zip(region.shape, layout.halo, layout.context, layout.block)]
+    out = np.empty(tuple(k * t for k, t in zip(counts, shape)), dtype=np.float32)
+    for index, values in items:
+        out[_local(index, first, shape)] = weighted_tile(layout, index, crop_margins(layout, values[None],
+                                                                                     halo=False)[0])
+    return out
+
+
+def merge_region(layout: Layout, tiles: np.ndarray, start: Sequence[int], first: Sequence[int],
+                 counts: Sequence[int], out_dtype: str) -> np.ndarray:
+    """``blend`` merge on a region of the tile array that begins at ``start`` (tile-array
+    coordinates): the ``counts`` output blocks from block ``first``, summed and cast."""
+    shape = tile_shape(layout)
+    out = np.empty(tuple(k * b for k, b in zip(counts, layout.out_block)), dtype=out_dtype)
+
+    def read_tile(nb: Triple, box: Box) -> np.ndarray:
+        return tiles[box.shift(tuple(s - n * t for s, n, t in zip(start, nb, shape))).slices]
+
+    for off in np.ndindex(*counts):
+        index = tuple(f + o for f, o in zip(first, off))
+        out[_local(index, first, layout.out_block)] = to_dtype(merge_block(layout, index, read_tile), out_dtype)
+    RUNTIME.blocks += math.prod(counts)
+    return out
 
 
 PHASES: dict[str, Callable[[Job, Sequence[Triple]], None]] = {

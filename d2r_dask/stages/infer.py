@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..blockwise.cluster import resolve_client
 from ..blockwise.processors import ModelSpec, register_checkpoint
 from ..blockwise.scheduler import run_blockwise
 from ..data.intensity import Intensity
@@ -57,12 +58,32 @@ class DGEANProcessor:
         return self.intensity.from_unit(y.float()[:, 0].cpu().numpy())  # clipped by the cast to the stored dtype
 
 
+DEFAULT_BLOCK: Triple = (32, 128, 128)
+"""Stage IV's default block (LR voxels): little halo overhead, a few hundred MB on a GPU."""
+
+
+def dgean_job(model: str | os.PathLike, *, tta: bool = False, compile: bool = False) -> dict[str, Any]:
+    """What a Stage IV job needs from a DGEAN checkpoint, without loading its weights:
+    the ``spec`` workers load, its ``halo`` (the receptive field), ``scale``, ``factor``,
+    ``mode`` and the output's ``metadata``. Shared by :func:`infer` and the lazy
+    :func:`d2r_dask.lazy.super_resolve`, so both run the same job."""
+    from ..models.checkpoint import read_dgean_config
+    from ..models.dgean import receptive_field
+
+    cfg, _ = read_dgean_config(model)
+    return {"spec": ModelSpec("dgean", str(model), {"tta": tta, "compile": compile}),
+            "halo": tuple(receptive_field(cfg)), "scale": (cfg.factor, 1, 1), "factor": cfg.factor,
+            "mode": cfg.mode,
+            "metadata": {"stage": "IV (super-resolved)", "model": str(model), "factor": cfg.factor,
+                         "mode": cfg.mode}}
+
+
 def infer(
     lr_path: str | os.PathLike,
     output: str | os.PathLike,
     model: str | os.PathLike,
     *,
-    block: Sequence[int] = (32, 128, 128),
+    block: Sequence[int] = DEFAULT_BLOCK,
     group: int = 1,
     tta: bool = False,
     compile: bool = False,
@@ -78,20 +99,17 @@ def infer(
 
     Each task takes ``group`` blocks and runs them as one batch on the device (the
     engine's ``group``). Restarting with the same arguments resumes at the first
-    unfinished chunk. ``batch`` is the deprecated name of ``group``.
+    unfinished chunk. Without ``client`` (and not ``serial``) it runs on the default
+    ``distributed.Client`` when one exists, else in this process. ``batch`` is the
+    deprecated name of ``group``.
     """
     if batch is not None:
         group = renamed("infer(batch=...)", "group", batch)  # type: ignore[assignment]
-    from ..models.dgean import receptive_field
-    from ..models.checkpoint import read_dgean_config
-
-    cfg, _ = read_dgean_config(model)
-    halo = receptive_field(cfg)
+    job = dgean_job(model, tta=tta, compile=compile)
     lr = open_volume(lr_path)
-    options: dict[str, Any] = {"tta": tta, "compile": compile}
     return run_blockwise(
-        lr_path, output, ModelSpec("dgean", str(model), options), block=block, halo=halo, scale=(cfg.factor, 1, 1),
-        stitch="crop", group=group, roi=roi, geometry=sr_geometry(lr, cfg.factor, cfg.mode, roi), client=client,
-        serial=serial, overwrite=overwrite, progress=progress, levels=levels,
-        metadata={"stage": "IV (super-resolved)", "model": str(model), "factor": cfg.factor, "mode": cfg.mode},
+        lr_path, output, job["spec"], block=block, halo=job["halo"], scale=job["scale"], stitch="crop",
+        group=group, roi=roi, geometry=sr_geometry(lr, job["factor"], job["mode"], roi),
+        client=resolve_client(client, serial), serial=serial, overwrite=overwrite, progress=progress,
+        levels=levels, metadata=job["metadata"],
     )

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..blockwise.cluster import resolve_client
 from ..blockwise.processors import ModelSpec, register_checkpoint
 from ..blockwise.scheduler import run_blockwise
 from ..data.degrade import upsample_axis
@@ -106,18 +107,52 @@ class RestorerProcessor:
         return out
 
 
+DEFAULT_BLOCK: Triple = (16, 64, 64)
+DEFAULT_HALO: Triple = (4, 16, 16)
+ORIENTATIONS = {"both": ("xz", "yz"), "xz": ("xz",), "yz": ("yz",)}
+"""``orientation`` -> the slices restored and averaged."""
+
+
+def restorer_job(model: str | os.PathLike, shape: Sequence[int], *, halo: Sequence[int] = DEFAULT_HALO,
+                 sampler: str | None = None, steps: int | None = None, seed: int = 0, slice_batch: int = 64,
+                 compile: bool = False, orientation: str = "both") -> dict[str, Any]:
+    """What a Stage II job over a volume of ``shape`` needs from a restorer checkpoint, without
+    loading its weights: the ``spec`` workers load, the ``halo`` fitted to the volume, ``scale``,
+    ``factor``, ``mode`` and the output's ``metadata``. Shared by :func:`restore` and the lazy
+    :func:`d2r_dask.lazy.restore_slices`, so both run the same job."""
+    from ..models.checkpoint import read_restorer_config
+
+    if orientation not in ORIENTATIONS:
+        raise InputError(f"orientation must be one of {', '.join(ORIENTATIONS)}, got {orientation!r}")
+    *_, config = read_restorer_config(model)
+    factor, mode = int(config["factor"]), str(config["mode"])
+    options: dict[str, Any] = {"seed": seed, "slice_batch": slice_batch, "compile": compile}
+    if sampler is not None:
+        options["sampler"] = sampler
+    if steps is not None:
+        options["steps"] = steps
+    if orientation != "both":  # "both" keeps the spec (and the job hash) of runs made before the option
+        options["orientations"] = list(ORIENTATIONS[orientation])
+    # reflection needs the halo below half the volume's extent
+    halo = tuple(min(h, max(0, n // 2 - 1)) if n > 1 else 0 for h, n in zip(halo, shape))
+    return {"spec": ModelSpec("restorer", str(model), options), "halo": halo, "scale": (factor, 1, 1),
+            "factor": factor, "mode": mode,
+            "metadata": {"stage": "II (pseudo-HR)", "model": str(model), "factor": factor, "mode": mode}}
+
+
 def restore(
     lr_path: str | os.PathLike,
     output: str | os.PathLike,
     model: str | os.PathLike,
     *,
     roi: Box | None = None,
-    block: Sequence[int] = (16, 64, 64),
-    halo: Sequence[int] = (4, 16, 16),
+    block: Sequence[int] = DEFAULT_BLOCK,
+    halo: Sequence[int] = DEFAULT_HALO,
     sampler: str | None = None,
     steps: int | None = None,
     seed: int = 0,
     slice_batch: int = 64,
+    orientation: str = "both",
     compile: bool = False,
     client: Any = None,
     serial: bool = False,
@@ -130,30 +165,21 @@ def restore(
     """Stage II through the engine: the pseudo-HR volume of ``lr_path`` (or of ``roi``).
 
     Tiles of ``block`` LR voxels grown by ``halo`` (so neighbours overlap by ``2 * halo``)
-    are blended; the restorer runs on ``slice_batch`` slices per forward pass. Restarting
-    with the same arguments resumes. ``overlap`` and ``batch`` are the deprecated names of
-    ``halo`` and ``slice_batch``.
+    are blended; the restorer runs on ``slice_batch`` slices per forward pass, on the XZ
+    and YZ slices (``orientation="both"``, averaged) or one of them. Restarting with the
+    same arguments resumes. Without ``client`` (and not ``serial``) it runs on the default
+    ``distributed.Client`` when one exists, else in this process. ``overlap`` and ``batch``
+    are the deprecated names of ``halo`` and ``slice_batch``.
     """
     if overlap is not None:
         halo = renamed("restore(overlap=...)", "halo", overlap)  # type: ignore[assignment]
     if batch is not None:
         slice_batch = renamed("restore(batch=...)", "slice_batch", batch)  # type: ignore[assignment]
-    from ..models.checkpoint import read_restorer_config
-
-    *_, config = read_restorer_config(model)
-    factor, mode = int(config["factor"]), str(config["mode"])
     lr = open_volume(lr_path)
-    options: dict[str, Any] = {"seed": seed, "slice_batch": slice_batch, "compile": compile}
-    if sampler is not None:
-        options["sampler"] = sampler
-    if steps is not None:
-        options["steps"] = steps
-    spec = ModelSpec("restorer", str(model), options)
-    # reflection needs the halo below half the volume's extent
-    halo = tuple(min(h, max(0, n // 2 - 1)) if n > 1 else 0 for h, n in zip(halo, lr.shape))
+    job = restorer_job(model, lr.shape, halo=halo, sampler=sampler, steps=steps, seed=seed,
+                       slice_batch=slice_batch, compile=compile, orientation=orientation)
     return run_blockwise(
-        lr_path, output, spec, block=block, halo=halo, scale=(factor, 1, 1), stitch="blend", roi=roi,
-        geometry=sr_geometry(lr, factor, mode, roi), client=client, serial=serial, overwrite=overwrite,
-        progress=progress, levels=levels,
-        metadata={"stage": "II (pseudo-HR)", "model": str(model), "factor": factor, "mode": mode},
+        lr_path, output, job["spec"], block=block, halo=job["halo"], scale=job["scale"], stitch="blend", roi=roi,
+        geometry=sr_geometry(lr, job["factor"], job["mode"], roi), client=resolve_client(client, serial),
+        serial=serial, overwrite=overwrite, progress=progress, levels=levels, metadata=job["metadata"],
     )
