@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from typing import Any, Iterator
 
 from distributed import Client, LocalCluster
