@@ -9,6 +9,7 @@ Read top-down:
 * :mod:`.processors` -- :class:`~.processors.ModelSpec` (what a worker loads) and the
   registry of block processors; small deterministic ones for tests and benchmarks.
 * :mod:`.jobstate` -- job identity (``job.json``), done-markers, resume.
+* :mod:`.lock` -- one live run per output or work directory (lock files, stale takeover).
 * :mod:`.runtime` -- what a worker process keeps between tasks (model, arrays,
   counters) and where it runs (threads, GPU).
 * :mod:`.tasks` -- what one task does, one function per phase.
