@@ -106,6 +106,11 @@ class RestorerProcessor:
         return out
 
 
+def fitted_halo(halo: Sequence[int], shape: Sequence[int]) -> Triple:
+    """``halo`` where reflection allows it: below half the volume's extent along each axis."""
+    return tuple(min(h, max(0, n // 2 - 1)) if n > 1 else 0 for h, n in zip(halo, shape))  # type: ignore[return-value]
+
+
 def restore(
     lr_path: str | os.PathLike,
     output: str | os.PathLike,
@@ -149,8 +154,7 @@ def restore(
     if steps is not None:
         options["steps"] = steps
     spec = ModelSpec("restorer", str(model), options)
-    # reflection needs the halo below half the volume's extent
-    halo = tuple(min(h, max(0, n // 2 - 1)) if n > 1 else 0 for h, n in zip(halo, lr.shape))
+    halo = fitted_halo(halo, lr.shape)
     return run_blockwise(
         lr_path, output, spec, block=block, halo=halo, scale=(factor, 1, 1), stitch="blend", roi=roi,
         geometry=sr_geometry(lr, factor, mode, roi), client=client, serial=serial, overwrite=overwrite,

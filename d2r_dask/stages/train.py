@@ -36,6 +36,7 @@ from ..errors import CheckpointError, InputError, OutputExistsError
 from ..evaluation.selfcheck import read_self_check
 from ..io.files import atomic_write
 from ..io.geometry import check_factor, check_mode
+from ..io.volume import check_output_path
 from ..models.checkpoint import TRAIN_STATE, read_config, read_train_state, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -307,12 +308,12 @@ def train_restorer(
     from ..models.sde import IRSDE, SDEConfig
 
     tcfg = _with_default_lr(tcfg, default_restorer_lr(rcfg))
+    check_output_path(out, [lr_volume], containing=False)
     source, val_source = _sources(lr_volume, intensity=intensity)
-    size = min(rcfg.patch, source.shape[1], source.shape[2])
-    if size < rcfg.patch:
-        log.warning("patch %d is larger than the volume's XY size; using %d", rcfg.patch, size)
-        rcfg = replace(rcfg, patch=size)
-    source.check_fits((1, rcfg.patch, rcfg.patch), "XY")
+    side = min(source.shape[1], source.shape[2])
+    source.check_fits((1, rcfg.patch, rcfg.patch), "XY", fix=(
+        f"use --patch {side} or less (>= {2 * rcfg.factor} for factor {rcfg.factor})" if side >= 2 * rcfg.factor
+        else f"use a volume of at least {2 * rcfg.factor} x {2 * rcfg.factor} voxels in XY"))
     sde_cfg = SDEConfig(prediction=rcfg.prediction)
     sde = IRSDE(sde_cfg)
     sampler, sampler_steps = rcfg.resolved_sampler()
@@ -438,12 +439,17 @@ def train_dgean(
     from ..models.losses import hf_loss
 
     tcfg = _with_default_lr(tcfg, DGEAN_LR)
+    check_output_path(out, [hr_volume], containing=False)
     source, val_source = _sources(hr_volume, z_range, intensity)
     z0, z1 = z_range or (0, source.shape[0])
     s = dcfg.factor
     depth = dcfg.patch_lr_z * s
-    size = min(dcfg.patch_xy, source.shape[1], source.shape[2])
-    source.check_fits((depth, size, size), "3D")
+    size = dcfg.patch_xy
+    usable, side = source.z_range[1] - source.z_range[0], min(source.shape[1:])
+    fixes = ([f"--patch-xy {side} or less"] if size > side else []) + (
+        [f"--patch-lr-z {usable // s} or less (factor {s})"] if depth > usable and usable // s >= 2 else [])
+    source.check_fits((depth, size, size), "3D", fix=f"use {' and '.join(fixes)}, or a larger volume" if fixes
+                      else "use a volume with more slices")
     if val_source.z_range[1] - val_source.z_range[0] < depth:
         val_source = source  # too few slices to hold out a full patch: validate on training slices
         log.warning("%s is too thin to hold out a validation patch; validating on training slices", hr_volume)
