@@ -111,7 +111,13 @@ CASES: list[tuple[str, Args, tuple[str, ...]]] = [
      ("would overwrite the input",)),
     ("restorer-zero-steps", lambda i, o: ["train-restorer", i / "lr.zarr", "-s", 4, "--out", o / "m", "--steps", 0],
      ("--steps must be >= 1 (got 0)",)),
+    ("restorer-unknown-device", lambda i, o: ["train-restorer", i / "lr.zarr", "-s", 4, "--out", o / "m",
+                                              "--device", "gpu"],
+     ("--device 'gpu' is not a torch device", "use cpu, cuda or cuda:N")),
     # --- train-dgean ---
+    ("dgean-missing-gpu", lambda i, o: ["train-dgean", i / "gt.zarr", "-s", 4, "--out", o / "m",
+                                        "--device", "cuda:7"],
+     ("--device cuda:7: this machine has",)),
     ("dgean-patch-wider-than-volume", lambda i, o: ["train-dgean", i / "gt.zarr", "-s", 4, "--out", o / "m",
                                                     "--steps", 1, "--patch-xy", 48, "--patch-lr-z", 3],
      ("3D training patch needs 12 x 48 x 48", "x 32 x 32", "use --patch-xy 32 or less")),
@@ -189,6 +195,9 @@ CASES: list[tuple[str, Args, tuple[str, ...]]] = [
     ("run-overwrite-foreign-workdir", lambda i, o: ["run", i / "lr.zarr", o / "sr.zarr", "-s", 4, "--workdir",
                                                     i / "precious", "--overwrite", "--dry-run"],
      ("precious is not a Zarr store or folder written by d2r",)),
+    ("run-unknown-device-dry", lambda i, o: ["run", i / "lr.zarr", o / "sr.zarr", "-s", 4, "--device", "tpu0",
+                                             "--dry-run"],
+     ("--device 'tpu0' is not a torch device",)),
     ("run-no-factor", lambda i, o: ["run", i / "lr.zarr", o / "sr.zarr", "--dry-run"],
      ("factor is missing", "give --factor")),
     # --- evaluate ---

@@ -142,10 +142,13 @@ def check_run(lr_path: str | os.PathLike, output: str | os.PathLike, cfg: RunCon
               workdir: str | os.PathLike | None = None, overwrite: bool = False) -> Paths:
     """Validate a run before any work (``--dry-run`` too); write nothing, return its paths.
 
-    The LR volume must open; the output and the work directory must not be, hold or lie
-    inside the LR volume, nor the work directory lie inside the output; with ``overwrite``
-    both must be d2r's to delete; presets and minimum sizes per :func:`fit_sizes`.
+    The device must exist; the LR volume must open; the output and the work directory must
+    not be, hold or lie inside the LR volume, nor the work directory lie inside the output;
+    with ``overwrite`` both must be d2r's to delete; presets and minimum sizes per :func:`fit_sizes`.
     """
+    from .train import check_device
+
+    check_device(cfg.device)
     cfg = resolve_auto(cfg, cfg.device)
     paths = Paths(Path(lr_path), Path(output), Path(workdir) if workdir else default_workdir(output))
     lr = open_volume(paths.lr)  # fails early, with a clear message, on a bad input

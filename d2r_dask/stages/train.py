@@ -64,9 +64,25 @@ class TrainConfig:
             raise InputError("steps, batch size, checkpoint and validation intervals must be >= 1")
         if not 0 <= self.ema < 1 or (self.lr is not None and self.lr <= 0):
             raise InputError("need 0 <= ema < 1 and lr > 0")
+        check_device(self.device)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a device torch does not know, or a GPU this machine does not have (None: pick one)."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= n:
+            raise InputError(f"--device {device}: this machine has {n} CUDA GPU(s); "
+                             + (f"use cuda:0 to cuda:{n - 1}" if n else "use --device cpu (or leave it out)"))
 
 
 def pick_device(device: str | None = None) -> torch.device:
