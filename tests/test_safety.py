@@ -347,3 +347,36 @@ def test_corrupt_chunk_on_a_cluster_worker_is_one_clear_error(tmp_path: Path, sr
         with pytest.raises(ChunkReadError, match=r"chunk \(1, 1, 0\) of array '0' of the store .*in.zarr .*re-convert"):
             run_blockwise(src, tmp_path / "out.zarr", conv(), client=client, **{**KW, "serial": False})
     assert not lock_path(tmp_path / "out.zarr").exists()
+
+
+def test_demo_overwrite_deletes_only_its_own_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``d2r demo --out ~ --overwrite`` must not delete a home directory; its own folder it may."""
+    from d2r_dask import demo as demo_mod
+    from d2r_dask.io.volume import FOLDER_MARKER, mark_folder
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("keep")
+    with pytest.raises(OutputExistsError, match="will not delete it"):
+        demo_mod.demo(home, overwrite=True, quick=True, serial=True, progress=False)
+    assert (home / "notes.txt").read_text() == "keep" and not (home / FOLDER_MARKER).exists()
+    own = mark_folder(tmp_path / "marked", "demo")
+    (own / "lr.zarr").mkdir()
+    assert written_by_d2r(own)
+    prepare_output(own, overwrite=True)
+    assert not own.exists()
+    # the demo marks a folder it creates, and --overwrite then replaces it
+    from d2r_dask.stages import pipeline
+
+    def stop(*args: Any, **kwargs: Any) -> None:
+        raise _Crash
+
+    monkeypatch.setattr(pipeline, "run", stop)
+    fresh = tmp_path / "d2r-demo"
+    with pytest.raises(_Crash):
+        demo_mod.demo(fresh, quick=True, serial=True, progress=False)
+    assert (fresh / FOLDER_MARKER).is_file() and (fresh / "lr.zarr").is_dir()
+    (fresh / "stale.txt").write_text("from the earlier demo")
+    with pytest.raises(_Crash):
+        demo_mod.demo(fresh, quick=True, serial=True, progress=False, overwrite=True)
+    assert not (fresh / "stale.txt").exists() and (fresh / FOLDER_MARKER).is_file()

@@ -38,6 +38,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 
 from .. import __version__
 from ..errors import ChunkReadError, D2RError, IncompleteVolumeError, InputError, OutputExistsError
+from .files import write_json
 from .geometry import Geometry
 
 log = logging.getLogger(__name__)
@@ -401,18 +402,31 @@ def check_output_path(path: str | os.PathLike, inputs: Sequence[str | os.PathLik
     return path
 
 
+FOLDER_MARKER = ".d2r-folder"
+"""Marks a plain folder a d2r command made and owns (``d2r demo``'s), so ``--overwrite`` may delete it."""
+
+
+def mark_folder(path: str | os.PathLike, command: str) -> Path:
+    """Create ``path`` (if needed) and mark it as made by d2r's ``command``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / FOLDER_MARKER).exists():
+        write_json(path / FOLDER_MARKER, {"command": command, "version": __version__})
+    return path
+
+
 def written_by_d2r(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a folder a d2r command wrote, so ``--overwrite`` may delete it.
 
     Recognised by what d2r writes first: a volume's ``d2r`` attributes, a blockwise
-    job's state (``.d2r/``, written before its volume), a run's ``run.json``; an empty
-    folder holds nothing to lose. Anything else (a file, a home directory, a store of
-    another tool) is not d2r's to delete.
+    job's state (``.d2r/``, written before its volume), a run's ``run.json``, the marker
+    of :func:`mark_folder`; an empty folder holds nothing to lose. Anything else (a file,
+    a home directory, a store of another tool) is not d2r's to delete.
     """
     path = Path(path)
     if not path.is_dir() or path.is_symlink():
         return False
-    if not any(path.iterdir()) or (path / ".d2r").is_dir() or d2r_metadata(path):
+    if not any(path.iterdir()) or (path / ".d2r").is_dir() or (path / FOLDER_MARKER).is_file() or d2r_metadata(path):
         return True
     record = path / "run.json"
     try:
