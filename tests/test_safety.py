@@ -380,3 +380,23 @@ def test_demo_overwrite_deletes_only_its_own_folder(tmp_path: Path, monkeypatch:
     with pytest.raises(_Crash):
         demo_mod.demo(fresh, quick=True, serial=True, progress=False, overwrite=True)
     assert not (fresh / "stale.txt").exists() and (fresh / FOLDER_MARKER).is_file()
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "random"])
+def test_damaged_chunk_is_named_never_zeros(tmp_path: Path, damage: str) -> None:
+    """Whichever way a chunk is damaged, and however it is read (a Dask slab, a fancy z-pick,
+    the engine's eager reader), the read fails naming that chunk and its file."""
+    from d2r_dask.errors import ChunkReadError
+    from d2r_dask.io.volume import open_reader
+
+    path = write(tmp_path / "v.zarr", np.full((8, 8, 12), 7, np.uint8), chunks=(4, 8, 6))
+    chunk = path / "0" / "c" / "1" / "0" / "1"
+    data = chunk.read_bytes()
+    chunk.write_bytes({"empty": b"", "truncated": data[: len(data) // 2], "random": os.urandom(len(data))}[damage])
+    vol = open_volume(path)
+    assert int(vol[:4].values.min()) == 7  # the intact chunks still read
+    match = r"chunk \(1, 0, 1\) of array '0' of the store .*v.zarr cannot be read \(file .*v.zarr/0/c/1/0/1;"
+    for read in (lambda: vol.values, lambda: vol.data[[0, 5]].compute(),
+                 lambda: open_reader(path)((slice(2, 8), slice(0, 8), slice(0, 12)))):
+        with pytest.raises(ChunkReadError, match=match + ".*re-convert it from the source"):
+            read()

@@ -170,18 +170,14 @@ class _CheckedArray:
 
 
 def _touched_chunks(array: zarr.Array, selection: Any) -> list[tuple[int, ...]]:
-    """Grid indices of the chunks a selection of ints and unit-step slices reads."""
+    """Grid indices of the chunks a selection (per axis: a slice, an int or integer indices) reads."""
     sel = selection if isinstance(selection, tuple) else (selection,)
     sel = sel + (slice(None),) * (array.ndim - len(sel))
-    ranges = []
+    per_axis = []
     for s, n, c in zip(sel, array.shape, array.chunks):
-        if isinstance(s, slice):
-            a, b, _ = s.indices(n)
-        else:
-            a = int(s) % n
-            b = a + 1
-        ranges.append(range(a // c, (b - 1) // c + 1) if b > a else range(0))
-    return list(itertools.product(*ranges))
+        idx = np.arange(n)[s] if isinstance(s, slice) else np.atleast_1d(np.asarray(s, dtype=np.int64)) % n
+        per_axis.append(sorted(set((idx // c).tolist())))  # only on the error path: cost is no concern
+    return list(itertools.product(*per_axis))
 
 
 def _chunk_error(array: zarr.Array, selection: Any, exc: BaseException) -> ChunkReadError:
