@@ -28,8 +28,8 @@ class D2RGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except D2RError as exc:
-            raise click.ClickException(str(exc)) from None
+        except D2RError as exc:  # one line: what went wrong and the fix
+            raise click.ClickException(" ".join(str(exc).split())) from None
 
 
 def _overwrite_option(f: Any) -> Any:
@@ -136,12 +136,17 @@ def info(store: Path, as_json: bool) -> None:
 def degrade(gt: Path, output: Path, factor: int, mode: str, blur_sigma: float, noise: str | None,
             noise_level: float, seed: int, chunks: tuple[int, int, int] | None, levels: int,
             overwrite: bool) -> None:
-    """Degrade an isotropic volume along z by FACTOR (makes an LR input from ground truth)."""
-    from .data.degrade import AxialDegradation, degrade_volume
-    from .io.geometry import Geometry
-    from .io.volume import open_volume, write_volume
+    """Degrade an isotropic volume along z by FACTOR (makes an LR input from ground truth).
 
-    lr = degrade_volume(open_volume(gt), AxialDegradation(factor, mode, blur_sigma, noise, noise_level, seed))
+    A factor that leaves fewer LR slices than d2r's stages need (3) is refused.
+    """
+    from .data.degrade import MIN_LR_SLICES, AxialDegradation, degrade_volume
+    from .io.geometry import Geometry
+    from .io.volume import check_output_path, open_volume, write_volume
+
+    check_output_path(output, [gt])
+    lr = degrade_volume(open_volume(gt), AxialDegradation(factor, mode, blur_sigma, noise, noise_level, seed),
+                        min_slices=MIN_LR_SLICES)
     write_volume(output, lr.data, Geometry.of(lr), chunks=chunks, levels=levels, overwrite=overwrite,
                  inputs=[gt], name=output.stem, metadata={"degradation": lr.attrs["degradation"], "source": str(gt)})
     click.echo(f"wrote {output}  shape {lr.shape}  voxel size {_fmt3(lr.attrs['voxel_size'])} nm")
@@ -156,8 +161,18 @@ def cluster_options(f: Any) -> Any:
                         help="Use a running Dask scheduler (tcp://host:8786) instead of a local cluster.")(f)
 
 
+def _check_cluster(scheduler: str | None, workers: int | None, serial: bool) -> None:
+    """Validate the cluster options before any work: a worker count >= 1, a reachable scheduler."""
+    from .blockwise.cluster import check_scheduler, check_workers
+
+    check_workers(workers)
+    if scheduler and not serial:
+        check_scheduler(scheduler)
+
+
 @contextlib.contextmanager
 def _client(scheduler: str | None, workers: int | None, serial: bool) -> Iterator[Any]:
+    _check_cluster(scheduler, workers, serial)
     if serial:
         yield None
         return
@@ -191,6 +206,7 @@ def _train_config(steps: int, batch_size: int, learning_rate: float | None, ema:
                   val_every: int, seed: int, device: str | None) -> Any:
     from .stages.train import TrainConfig
 
+    _at_least(1, steps=steps, batch_size=batch_size, checkpoint_every=checkpoint_every, val_every=val_every)
     return TrainConfig(steps=steps, batch_size=batch_size, lr=learning_rate, ema=ema,
                        checkpoint_every=checkpoint_every, val_every=val_every, seed=seed, device=device)
 
@@ -280,6 +296,46 @@ def _deprecated_option(old: str, new: str, old_value: Any, value: Any) -> Any:
     return old_value
 
 
+def _at_least(minimum: int, **values: int | tuple[int, ...] | None) -> None:
+    """Refuse an option (or any of its values) below ``minimum`` (None: not given), named as on the command line."""
+    from .errors import InputError
+
+    for name, value in values.items():
+        if value is not None and min(value if isinstance(value, tuple) else (value,)) < minimum:
+            got = " ".join(map(str, value)) if isinstance(value, tuple) else value
+            raise InputError(f"--{name.replace('_', '-')} must be >= {minimum}"
+                             f"{' along every axis' if isinstance(value, tuple) else ''} (got {got})")
+
+
+def _check_blockwise(kind: str, lr_volume: Path, output: Path, model: Path, roi: tuple[int, ...] | None,
+                     block: tuple[int, int, int], halo: tuple[int, int, int] | None, group: int = 1) -> None:
+    """Stage II/IV arguments checked before a cluster starts: the input opens, the model is of
+    ``kind``, the output is none of the inputs, and the blocks obey the engine's rules."""
+    from .blockwise.layout import Layout
+    from .errors import InputError
+    from .io.geometry import Box
+    from .io.volume import check_output_path, open_volume
+    from .models.checkpoint import read_dgean_config, read_restorer_config
+
+    lr = open_volume(lr_volume)
+    region = _roi(roi) or Box((0, 0, 0), tuple(lr.shape))
+    if any(a < 0 or b > n or b <= a for a, b, n in zip(region.start, region.stop, lr.shape)):
+        raise InputError(f"--roi {region.start}..{region.stop} is empty or outside the volume {tuple(lr.shape)}; "
+                         "give Z0 Y0 X0 Z1 Y1 X1 inside it")
+    if kind == "restorer":
+        from .stages.restore import fitted_halo
+
+        config = read_restorer_config(model)[-1]
+        Layout(roi=region, block=block, halo=fitted_halo(halo or (0, 0, 0), lr.shape), scale=(config["factor"], 1, 1),
+               stitch="blend")
+    else:
+        from .models.dgean import receptive_field
+
+        cfg, _ = read_dgean_config(model)
+        Layout(roi=region, block=block, halo=receptive_field(cfg), scale=(cfg.factor, 1, 1), group=group)
+    check_output_path(output, [lr_volume, model])
+
+
 def _roi(roi: tuple[int, ...] | None) -> Any:
     from .io.geometry import Box
 
@@ -318,6 +374,9 @@ def restore(lr_volume: Path, output: Path, model: Path, roi: tuple[int, ...] | N
 
     halo = _deprecated_option("--overlap", "--halo", overlap, halo)
     slice_batch = _deprecated_option("--batch", "--slice-batch", batch, slice_batch)
+    _at_least(1, slice_batch=slice_batch, steps=steps, block=tuple(block))
+    _at_least(0, halo=tuple(halo))
+    _check_blockwise("restorer", lr_volume, output, model, roi, block, halo)
 
     with _client(scheduler, workers, serial) as client:
         run_restore(lr_volume, output, model, roi=_roi(roi), block=block, halo=halo, sampler=sampler,
@@ -356,6 +415,8 @@ def infer(lr_volume: Path, output: Path, model: Path, roi: tuple[int, ...] | Non
         sized = infer_block(open_volume(lr_volume).shape, read_dgean_config(model)[0], device_info(None), tta=tta)
         block = tuple(sized["block"])  # type: ignore[assignment]
         click.echo(f"block {block} (halo overhead {sized['halo_overhead']:.2f}x)", err=True)
+    _at_least(1, group=group, block=tuple(block))
+    _check_blockwise("dgean", lr_volume, output, model, roi, block, None, group)
 
     with _client(scheduler, workers, serial) as client:
         run_infer(lr_volume, output, model, roi=_roi(roi), block=block, group=group, tta=tta, compile=compile_,
@@ -395,7 +456,8 @@ def _run_overrides(factor: int | None, mode: str | None, seed: int | None, devic
 @click.option("--tta", is_flag=True, help="Stage IV test-time averaging (8x slower).")
 @click.option("--seed", type=int, default=None)
 @click.option("--device", default=None, help="Training device [default: a GPU if present].")
-@click.option("--dry-run", is_flag=True, help="Print the plan (stages, blocks, network evaluations) and stop.")
+@click.option("--dry-run", is_flag=True,
+              help="Check every argument, print the plan (stages, blocks, network evaluations) and stop.")
 @cluster_options
 @_levels_option
 @_overwrite_option
@@ -412,15 +474,18 @@ def run(lr_volume: Path, output: Path, factor: int | None, mode: str | None, con
     Stage III train DGEAN on the pseudo-HR degraded along z
     Stage IV  DGEAN over all of LR_VOLUME, blockwise -> SR
     """
+    from .errors import InputError
     from .stages.config import RunConfig, load_config_file, merge
-    from .stages.pipeline import plan, run as run_pipeline
+    from .stages.pipeline import check_run, plan, run as run_pipeline
 
     base = load_config_file(config_file) if config_file else {}
     merged = merge(base, _run_overrides(factor, mode, seed, device, restorer_steps, dgean_steps,
                                         restorer_preset, dgean_preset, roi, tta))
     if "factor" not in merged:
-        raise click.UsageError("give --factor (or factor: in --config)")
+        raise InputError("the axial factor is missing: give --factor (or factor: in --config)")
     cfg = RunConfig.from_dict(merged)
+    check_run(lr_volume, output, cfg, workdir=workdir, overwrite=overwrite)  # all of it, before any work
+    _check_cluster(scheduler, workers, serial)
     if dry_run:
         click.echo(json.dumps(plan(lr_volume, cfg), indent=2, default=str))
         return
@@ -484,7 +549,10 @@ def evaluate(result: Path, gt: Path, lr_path: Path | None, pseudo_hr: Path | Non
             raise click.BadParameter(f"{item!r}: use NAME=PATH", param_hint="--also")
         candidates[name] = Path(path)
     out = out or result.with_name(result.name.removesuffix(".zarr") + ".report")
-    summary = run_evaluate(gt, candidates, lr_path=lr_path, factor=factor, mode=mode, out_dir=out, slab=slab,
+    from .io.volume import check_output_path
+
+    check_output_path(out, [gt, lr_path, *candidates.values()], containing=False)
+    run_evaluate(gt, candidates, lr_path=lr_path, factor=factor, mode=mode, out_dir=out, slab=slab,
                            interpolations=("nearest", "linear", "cubic"))
     click.echo((out / "report.md").read_text())
     click.echo(f"report: {out / 'report.md'}")

@@ -62,13 +62,13 @@ def demo(
     from .stages.pipeline import run
     from .data.synth import synth_dask
     from .io.geometry import Geometry
-    from .io.volume import is_complete, open_volume, write_volume
+    from .io.volume import is_complete, mark_folder, open_volume, prepare_output, write_volume
 
     out = Path(out_dir)
-    if overwrite and out.exists():
-        import shutil
-
-        shutil.rmtree(out)
+    if overwrite:
+        prepare_output(out, overwrite=True, inputs=[input_path])  # only a folder d2r made
+    if not out.exists() or not any(out.iterdir()):
+        mark_folder(out, "demo")  # ours: a later --overwrite may delete it (never a folder that held other files)
     out.mkdir(parents=True, exist_ok=True)
     gt, lr, sr = out / "ground_truth.zarr", out / "lr.zarr", out / "sr.zarr"
     t0 = time.time()

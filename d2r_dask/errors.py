@@ -34,6 +34,14 @@ class ResumeMismatchError(D2RError):
     """An output holds partial results of a different layout, model or input."""
 
 
+class ChunkReadError(D2RError):
+    """A stored chunk cannot be read (corrupt, truncated or unreadable file); names store, array and chunk."""
+
+
+class LockedError(D2RError):
+    """Another live d2r run holds the output or work directory (the message names it)."""
+
+
 def renamed(old: str, new: str, value: object) -> object:
     """Accept a value given under a deprecated name, with a warning naming the new one."""
     warnings.warn(f"{old} is deprecated and will be removed; use {new}", FutureWarning, stacklevel=3)

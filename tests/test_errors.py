@@ -167,14 +167,16 @@ def test_factor_below_two(write_random_volume, tmp_path: Path, cli_run, factor: 
     assert not (tmp_path / "lr.zarr").exists()
 
 
-def test_factor_leaves_no_slice(write_random_volume, tmp_path: Path, cli_run) -> None:
-    gt, data = write_random_volume(shape=(3, 8, 8))
+def test_factor_leaves_too_few_slices(write_random_volume, tmp_path: Path, cli_run) -> None:
+    """An LR volume thinner than the stages can use is refused, stating the minimum and the factor that works."""
+    gt, data = write_random_volume(shape=(6, 8, 8))
     r = cli_run("degrade", gt, tmp_path / "lr.zarr", "--factor", 4, "--mode", "mean")
-    assert_cli_error(r, "leaves no slice", "use a factor <= 3")
+    assert_cli_error(r, "leaves 1 LR slice", "need >= 3", "use --factor 2 or less")
+    r = cli_run("degrade", gt, tmp_path / "lr.zarr", "--factor", 1000)
+    assert_cli_error(r, "6 slices by 1000", "leaves 1 LR slice", "need >= 3", "use --factor 2 or less")
     assert not (tmp_path / "lr.zarr").exists()
-    # decimate keeps slice 0
-    assert_cli_ok(cli_run("degrade", gt, tmp_path / "lr.zarr", "--factor", 4, "--levels", 1))
-    np.testing.assert_array_equal(open_volume(tmp_path / "lr.zarr").values, data[:1])
+    assert_cli_ok(cli_run("degrade", gt, tmp_path / "lr.zarr", "--factor", 2, "--levels", 1))
+    np.testing.assert_array_equal(open_volume(tmp_path / "lr.zarr").values, data[::2])
 
 
 def test_noise_level_without_noise(write_random_volume, tmp_path: Path, cli_run) -> None:

@@ -83,7 +83,7 @@ def test_training_run_writes_checkpoint_metrics_and_panels(kind: str, models: di
     low, high = config["intensity"]["low"], config["intensity"]["high"]  # robust percentiles of the volume
     assert 0.0 <= low < high <= 255.0 and high - low > 50
     assert config["step"] == 4 and config["train"]["steps"] == 4
-    state = torch.load(out / TRAIN_STATE, weights_only=False)
+    state = torch.load(out / TRAIN_STATE, weights_only=True)
     assert {"model", "ema", "optimizer", "scheduler", "step"} <= set(state) and state["step"] == 4
     assert (out / "validation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     log = rows(out / "metrics.csv")
@@ -115,7 +115,7 @@ def test_checkpoint_round_trip_gives_the_ema_network(kind: str, models: dict[str
     else:
         loaded, config = load_dgean(out)
     assert not loaded.training
-    state = torch.load(out / TRAIN_STATE, weights_only=False)
+    state = torch.load(out / TRAIN_STATE, weights_only=True)
     # the saved weights are the EMA's, not the raw model's
     assert all(torch.equal(v, state["ema"][k]) for k, v in read_weights(out).items())
     assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])
@@ -174,7 +174,7 @@ def test_resume_after_a_crash_is_bit_identical(kind: str, tmp_path: Path, monkey
     wa, wb = read_weights(a), read_weights(b)
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa), "EMA weights differ after resume"
-    sa, sb = (_tensors(torch.load(p / TRAIN_STATE, weights_only=False)) for p in (a, b))
+    sa, sb = (_tensors(torch.load(p / TRAIN_STATE, weights_only=True)) for p in (a, b))
     assert sa.keys() == sb.keys()
     different = [k for k in sa if not torch.equal(sa[k], sb[k])]
     assert not different, f"train state differs after resume: {different[:5]}"
@@ -396,9 +396,14 @@ def test_patch_source_reads_one_patch_at_a_time(tmp_path: Path, monkeypatch: pyt
 
 def test_patch_larger_than_the_volume_is_a_clear_error(tmp_path: Path) -> None:
     thin = write(tmp_path / "thin.zarr", synth_array((8, 24, 24), seed=9), voxel_size=(10.0, 10.0, 10.0))
-    with pytest.raises(InputError, match="smaller than one 3D patch"):
+    with pytest.raises(InputError, match=r"3D training patch needs 12 x 16 x 16 voxels .* 7 usable slices x 24 x 24; "
+                                         r"use a volume with more slices"):
         train_dgean(thin, tmp_path / "d", tiny_dgean_cfg(), tiny_train(), progress=False)
-    with pytest.raises(InputError, match="smaller than one"):
+    with pytest.raises(InputError, match=r"needs 8 x 32 x 32 .* use --patch-xy 24 or less and --patch-lr-z 3 or "
+                                         r"less \(factor 2\), or a larger volume"):
+        train_dgean(thin, tmp_path / "d", tiny_dgean_cfg(patch_xy=32, patch_lr_z=4, factor=2), tiny_train(),
+                    progress=False)
+    with pytest.raises(InputError, match="XY training patch needs 1 x 32 x 32 voxels"):
         PatchSource(thin).check_fits((1, 32, 32), "XY")
     assert not (tmp_path / "d").exists()
 

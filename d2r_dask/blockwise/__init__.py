@@ -9,6 +9,7 @@ Read top-down:
 * :mod:`.processors` -- :class:`~.processors.ModelSpec` (what a worker loads) and the
   registry of block processors; small deterministic ones for tests and benchmarks.
 * :mod:`.jobstate` -- job identity (``job.json``), compact done-state, resume.
+* :mod:`.lock` -- one live run per output or work directory (lock files, stale takeover).
 * :mod:`.runtime` -- what a worker process keeps between tasks (model, arrays,
   counters) and where it runs (:func:`~.runtime.place_workers`: threads, GPU).
 * :mod:`.pyramid` -- the coarser levels of an output, as engine phases.

@@ -16,11 +16,51 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 from typing import Any, Iterator
 
 from distributed import Client, LocalCluster
 
+from ..errors import InputError
+
 log = logging.getLogger(__name__)
+
+
+SCHEDULER_TIMEOUT = 5.0
+"""Seconds to wait for a given scheduler before saying it cannot be reached."""
+
+
+def check_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT) -> None:
+    """Raise :class:`InputError` naming ``address`` unless something accepts connections there.
+
+    A plain TCP connection with a short timeout: cheap enough for ``--dry-run``, and a
+    clear line instead of the client's traceback after its long default timeout.
+    """
+    from distributed.comm import get_address_host_port
+
+    try:
+        host, port = get_address_host_port(address)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"--scheduler {address!r} is not a scheduler address ({exc}); "
+                         "give it as tcp://HOST:PORT (e.g. tcp://node1:8786)") from exc
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        raise _unreachable(address, timeout, exc) from exc
+
+
+def _unreachable(address: str, timeout: float, exc: BaseException) -> InputError:
+    return InputError(
+        f"cannot reach the Dask scheduler at {address} within {timeout:g} s ({exc.__class__.__name__}: "
+        f"{str(exc) or 'timed out'}); check that the scheduler is running, that host and port are right and "
+        "reachable from here (firewall), or drop --scheduler to use a local cluster"
+    )
+
+
+def check_workers(n_workers: int | None) -> None:
+    """Refuse a worker count below one (a cluster without workers waits forever)."""
+    if n_workers is not None and (isinstance(n_workers, bool) or int(n_workers) < 1):
+        raise InputError(f"--workers must be >= 1 (got {n_workers}); a cluster without workers never runs a task")
 
 
 def gpu_count() -> int:
@@ -43,6 +83,7 @@ def local_cluster(*, n_workers: int | None = None, memory_limit: str | None = "a
     """
     from dask.system import CPU_COUNT
 
+    check_workers(n_workers)
     gpus = gpu_count()
     if gpus:
         try:
@@ -64,12 +105,18 @@ def connect(scheduler: str | Client | None = None, *, n_workers: int | None = No
     """Yield a client for ``scheduler`` (address, Client, or None for a local cluster).
 
     Clusters started here are closed on exit; given clients and schedulers are left running.
+    An unreachable ``scheduler`` is an :class:`InputError` after :data:`SCHEDULER_TIMEOUT` seconds.
     """
     if isinstance(scheduler, Client):
         yield scheduler
         return
     if scheduler:
-        with Client(scheduler) as client:
+        check_scheduler(scheduler)
+        try:
+            client = Client(scheduler, timeout=SCHEDULER_TIMEOUT)
+        except (OSError, TimeoutError) as exc:  # something listens there, but not a scheduler
+            raise _unreachable(scheduler, SCHEDULER_TIMEOUT, exc) from exc
+        with client:
             log.info("connected to %s (dashboard %s)", scheduler, client.dashboard_link)
             yield client
         return

@@ -37,7 +37,8 @@ import numpy as np
 from ..errors import OutputExistsError, ResumeMismatchError
 from ..io.files import atomic_write, write_json
 from ..io.geometry import Geometry
-from ..io.volume import create_scratch, create_volume, is_complete, metadata_digest, open_volume
+from ..io.volume import create_scratch, create_volume, d2r_metadata, is_complete, metadata_digest, open_volume
+from ..io.volume import prepare_output as prepare_volume_path
 from .layout import Layout
 from .processors import ModelSpec
 
@@ -99,11 +100,13 @@ def prepare_output(job: Job, identity: Mapping[str, Any], geometry: Geometry, ov
     """Create or validate the output; return True when it is already complete.
 
     ``check()`` validates the processor against the layout; it runs before anything is
-    created, and not at all for a finished job.
+    created, and not at all for a finished job. The job identity (``job.json``) is
+    written first, atomically, and the image's attributes last, so a crash at any point
+    in between resumes: the rerun finds its own job and (re)makes what is missing.
     """
     out = Path(job.output)
     state = job.state_dir / "job.json"
-    if out.exists() and not overwrite:
+    if out.exists() and not overwrite and (state.exists() or not _only_job_state(out)):
         if not state.exists():
             raise OutputExistsError(f"{out} already exists and is not a d2r job output; pass --overwrite to replace it")
         previous = json.loads(state.read_text())
@@ -117,18 +120,32 @@ def prepare_output(job: Job, identity: Mapping[str, Any], geometry: Geometry, ov
         if is_complete(out):
             return True
         check()
+        if d2r_metadata(out).get("job") != job.token:  # stopped between job.json and the image
+            _create(job, geometry, metadata)
         return False
     check()
+    prepare_volume_path(out, overwrite=True, inputs=[job.source])  # d2r's own (or absent): checked, cleared
+    job.state_dir.mkdir(parents=True, exist_ok=True)
+    write_json(state, {"hash": job.token, "identity": identity}, indent=1)
+    _create(job, geometry, metadata)
+    return False
+
+
+def _only_job_state(out: Path) -> bool:
+    """``out`` holds nothing but a job state folder without ``job.json`` (a crash while creating it)."""
+    return {p.name for p in out.iterdir()} <= {".d2r"}
+
+
+def _create(job: Job, geometry: Geometry, metadata: Mapping[str, Any] | None) -> None:
+    """Make the job's scratch tiles (blend) and its image; the image's attributes come last."""
     layout = job.layout
-    create_volume(out, shape=layout.out_shape, dtype=job.out_dtype, geometry=geometry, chunks=layout.out_block,
-                  overwrite=overwrite, inputs=[job.source], name=out.stem,
-                  metadata={**dict(metadata or {}), "job": job.token})
     if layout.stitch == "blend":
         tile = tuple(b + 2 * h * s for b, h, s in zip(layout.out_block, layout.halo, layout.scale))
         create_scratch(job.state_dir / "tiles", shape=tuple(g * t for g, t in zip(layout.grid, tile)), chunks=tile)
     (job.state_dir / "done").mkdir(parents=True, exist_ok=True)
-    write_json(state, {"hash": job.token, "identity": identity}, indent=1)
-    return False
+    create_volume(job.output, shape=layout.out_shape, dtype=job.out_dtype, geometry=geometry,
+                  chunks=layout.out_block, name=Path(job.output).stem, in_job_folder=True,
+                  metadata={**dict(metadata or {}), "job": job.token})
 
 
 _LOG: dict[str, str] = {}

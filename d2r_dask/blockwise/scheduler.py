@@ -29,6 +29,7 @@ from ..io.geometry import Box, Geometry
 from ..io.volume import create_pyramid_level, open_volume, pyramid_plan, write_multiscales
 from .jobstate import Job, done_block_count, done_flags, job_hash, job_identity, prepare_output, todo_groups
 from .layout import Layout
+from .lock import locks_output
 from .processors import ModelSpec
 from . import pyramid as _pyramid
 from .pyramid import level_layout, pyramid_group, pyramid_phase
@@ -38,6 +39,7 @@ from .tasks import STITCH_PHASES, check_processor, run_group
 log = logging.getLogger(__name__)
 
 
+@locks_output
 def run_blockwise(
     source: str | os.PathLike,
     output: str | os.PathLike,
@@ -70,7 +72,8 @@ def run_blockwise(
     receptive field for a convolutional model, so tile borders never show).
     ``group`` blocks go to the model as one batch (one task); ``window`` bounds the
     tasks the scheduler holds at once (default 4 per worker thread).
-    Rerunning with the same arguments resumes; with different ones it refuses.
+    Rerunning with the same arguments resumes; with different ones it refuses. The run
+    holds ``output``'s lock (:mod:`.lock`): a second run on it is refused while this one lives.
     A progress bar (``tqdm.auto``: blocks done / total, rate, ETA) shows unless
     ``progress=False``; the dashboard address is logged and printed above it.
     """

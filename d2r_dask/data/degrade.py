@@ -28,6 +28,22 @@ from .noise import keyed_normal
 Method = Literal["nearest", "linear", "cubic"]
 METHODS = ("nearest", "linear", "cubic")
 
+MIN_LR_SLICES = 3
+"""The fewest LR slices d2r's stages can use: Stage III trains on patches of at least
+DGEAN's 3-slice attention window (``DGEANConfig.ca_pool``; a test keeps the two equal)."""
+
+
+def check_lr_slices(n_hr: int, factor: int, mode: str, need: int = MIN_LR_SLICES) -> int:
+    """The LR slices degrading ``n_hr`` slices leaves, refused below ``need`` with the largest factor that works."""
+    n_lr = degraded_length(n_hr, factor, mode) if n_hr >= factor or mode == "decimate" else 0
+    if n_lr >= need:
+        return n_lr
+    ok = [s for s in range(2, n_hr + 1) if degraded_length(n_hr, s, mode) >= need] if n_hr >= 2 else []
+    fix = (f"use --factor {max(ok)} or less" if ok else
+           f"use a volume with more z-slices (>= {need * 2 if mode == 'mean' else 2 * need - 1} for factor 2)")
+    raise InputError(f"degrading {n_hr} slices by {factor} ({mode}) leaves {n_lr} LR slice(s), but d2r's stages "
+                     f"need >= {need} (Stage III trains on patches of >= {need} LR slices); {fix}")
+
 
 def degrade_along(arr: np.ndarray, factor: int, *, axis: int, mode: str) -> np.ndarray:
     """Degrade ``arr`` along ``axis`` by ``factor``: keep every s-th sample or average slabs.
@@ -159,12 +175,17 @@ def _noise_block(block: np.ndarray, deg: AxialDegradation, data_range: float, bl
     return x + np.sqrt(np.clip(x, 0, None) * deg.noise_level * data_range) * z
 
 
-def degrade_volume(vol: xr.DataArray, deg: AxialDegradation) -> xr.DataArray:
-    """Lazily degrade an HR volume along z; dtype kept, geometry per :func:`lr_transform`."""
+def degrade_volume(vol: xr.DataArray, deg: AxialDegradation, *, min_slices: int = 1) -> xr.DataArray:
+    """Lazily degrade an HR volume along z; dtype kept, geometry per :func:`lr_transform`.
+
+    A result with fewer than ``min_slices`` LR slices is refused (``d2r degrade`` asks for
+    :data:`MIN_LR_SLICES`, what the stages need).
+    """
     data: da.Array = vol.data
     if data.ndim != 3:
         raise InputError(f"expected a 3D (z, y, x) volume, got {data.ndim} dimension(s)")
-    n_lr = degraded_length(data.shape[0], deg.factor, deg.mode)
+    n_lr = check_lr_slices(data.shape[0], deg.factor, deg.mode, min_slices) if min_slices > 1 else \
+        degraded_length(data.shape[0], deg.factor, deg.mode)
     dtype = data.dtype
     x = data.astype(np.float32)
     if deg.blur_sigma > 0:

@@ -45,12 +45,14 @@ class PatchSource:
         self.z_range = z_range or (0, self.shape[0])
         self.intensity = intensity or Intensity.for_volume(self.data, self.data.dtype)
 
-    def check_fits(self, patch: Sequence[int], what: str) -> None:
+    def check_fits(self, patch: Sequence[int], what: str,
+                   fix: str = "use a smaller --patch or a larger volume") -> None:
+        """Refuse a patch larger than the volume, stating both sizes (z x y x x) and ``fix``."""
         zs = self.z_range[1] - self.z_range[0]
         if zs < patch[0] or self.shape[1] < patch[1] or self.shape[2] < patch[2]:
             raise InputError(
-                f"{self.path}: the volume ({zs} usable slices x {self.shape[1]} x {self.shape[2]}) is smaller "
-                f"than one {what} patch {tuple(patch)}; use a smaller --patch or a larger volume"
+                f"{self.path}: one {what} training patch needs {patch[0]} x {patch[1]} x {patch[2]} voxels "
+                f"(z x y x x), but the volume has {zs} usable slices x {self.shape[1]} x {self.shape[2]}; {fix}"
             )
 
     def read(self, rng: np.random.Generator, patch: Sequence[int], *, z_align: int = 1) -> np.ndarray:

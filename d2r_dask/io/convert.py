@@ -9,19 +9,20 @@ converts with memory for ``chunk_z`` slices.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import D2RError, InputError
 from .geometry import Geometry
-from .volume import check_dtype, create_volume, default_chunks, finalize_volume, open_volume
+from .volume import check_dtype, check_output_path, create_volume, default_chunks, finalize_volume, open_volume
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def check_finite(arr: np.ndarray, what: str = "input") -> None:
 
 @dataclass
 class StackSource:
-    """A 3D stack readable in z-slabs."""
+    """A 3D stack readable in z-slabs; a context manager that closes its file (if it keeps one open)."""
 
     description: str
     shape: tuple[int, int, int]
@@ -47,6 +48,23 @@ class StackSource:
     read: Callable[[int, int], np.ndarray]
     voxel_size: tuple[float, float, float] | None = None
     translation: tuple[float, float, float] | None = None
+    close: Callable[[], None] = lambda: None
+
+    def __enter__(self) -> StackSource:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def _closed_on_error(handle: Any) -> Iterator[None]:
+    """Close ``handle`` if building its source fails (on success the source owns it)."""
+    try:
+        yield
+    except BaseException:
+        handle.close()
+        raise
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -72,30 +90,31 @@ def _tiff_source(path: Path) -> StackSource:
     import tifffile
 
     tif = tifffile.TiffFile(path)
-    series = tif.series[0]
-    if series.axes.endswith("S") and series.shape[-1] > 1:  # interleaved colour samples
-        raise InputError(
-            f"{path} holds colour (RGB) images, axes {series.axes}; d2r needs greyscale: "
-            "convert the images to 8- or 16-bit greyscale first"
-        )
-    shape = _squeezed(series.shape)
-    if len(shape) == 2:
-        shape = (1, *shape)
-    shape = _check_3d(shape, str(path))
-    pages = series.pages
-    if len(pages) == shape[0]:
+    with _closed_on_error(tif):
+        series = tif.series[0]
+        if series.axes.endswith("S") and series.shape[-1] > 1:  # interleaved colour samples
+            raise InputError(
+                f"{path} holds colour (RGB) images, axes {series.axes}; d2r needs greyscale: "
+                "convert the images to 8- or 16-bit greyscale first"
+            )
+        shape = _squeezed(series.shape)
+        if len(shape) == 2:
+            shape = (1, *shape)
+        shape = _check_3d(shape, str(path))
+        pages = series.pages
+        if len(pages) == shape[0]:
 
-        def read(z0: int, z1: int) -> np.ndarray:
-            return np.stack([pages[i].asarray().reshape(shape[1:]) for i in range(z0, z1)])
+            def read(z0: int, z1: int) -> np.ndarray:
+                return np.stack([pages[i].asarray().reshape(shape[1:]) for i in range(z0, z1)])
 
-    else:  # one page holds the volume (rare): it can only be read whole
-        log.warning("%s stores its volume in %d page(s); reading it whole", path, len(pages))
-        whole = series.asarray().reshape(shape)
+        else:  # one page holds the volume (rare): it can only be read whole
+            log.warning("%s stores its volume in %d page(s); reading it whole", path, len(pages))
+            whole = series.asarray().reshape(shape)
 
-        def read(z0: int, z1: int) -> np.ndarray:
-            return whole[z0:z1]
+            def read(z0: int, z1: int) -> np.ndarray:
+                return whole[z0:z1]
 
-    return StackSource(f"TIFF {path}", shape, np.dtype(series.dtype), read)
+        return StackSource(f"TIFF {path}", shape, np.dtype(series.dtype), read, close=tif.close)
 
 
 def _slices_source(folder: Path) -> StackSource:
@@ -143,27 +162,43 @@ def _hdf5_source(spec: str) -> StackSource:
     if not Path(filename).exists():
         raise InputError(f"{filename}: no such file; check the path")
     f = h5py.File(filename, "r")
-    if not dataset or not isinstance(f.get(dataset), h5py.Dataset):
-        names: list[str] = []
-        f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
-        raise InputError(f"name the dataset as {filename}:DATASET; datasets in the file: {', '.join(names) or 'none'}")
-    dset = f[dataset]
-    shape = _check_3d(_squeezed(dset.shape), spec)
-    # z is the first non-singleton axis; singleton extra axes are indexed away
-    index = [0 if n == 1 and dset.ndim > 3 else slice(None) for n in dset.shape]
-    z_axis = next(i for i, ix in enumerate(index) if ix != 0)
+    with _closed_on_error(f):
+        if not dataset or not isinstance(f.get(dataset), h5py.Dataset):
+            names: list[str] = []
+            f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+            raise InputError(f"name the dataset as {filename}:DATASET; datasets in the file: "
+                             f"{', '.join(names) or 'none'}")
+        dset = f[dataset]
+        shape = _check_3d(_squeezed(dset.shape), spec)
+        # z is the first non-singleton axis; singleton extra axes are indexed away
+        index = [0 if n == 1 and dset.ndim > 3 else slice(None) for n in dset.shape]
+        z_axis = next(i for i, ix in enumerate(index) if ix != 0)
 
-    def read(z0: int, z1: int) -> np.ndarray:
-        return dset[tuple(slice(z0, z1) if i == z_axis else ix for i, ix in enumerate(index))]
+        def read(z0: int, z1: int) -> np.ndarray:
+            return dset[tuple(slice(z0, z1) if i == z_axis else ix for i, ix in enumerate(index))]
 
-    return StackSource(f"HDF5 {spec}", shape, dset.dtype, read)
+        return StackSource(f"HDF5 {spec}", shape, dset.dtype, read, close=f.close)
 
 
 def _npy_source(path: Path) -> StackSource:
-    arr = np.load(path, mmap_mode="r")
-    shape = _check_3d(_squeezed(arr.shape), str(path))
-    arr = arr.reshape(shape)  # a view: drops singleton extra axes, stays memory-mapped
-    return StackSource(f"NumPy {path}", shape, arr.dtype, lambda z0, z1: np.asarray(arr[z0:z1]))
+    """A .npy file, memory-mapped per read: no mapping stays open between reads."""
+
+    def mapped() -> np.ndarray:
+        arr = np.load(path, mmap_mode="r")
+        return arr.reshape(_check_3d(_squeezed(arr.shape), str(path)))  # a view: singleton extra axes dropped
+
+    probe = mapped()
+    shape, dtype = probe.shape, probe.dtype
+    del probe  # unmaps the file (the last reference)
+
+    def read(z0: int, z1: int) -> np.ndarray:
+        arr = mapped()
+        try:
+            return np.array(arr[z0:z1])  # a copy, so the mapping goes with ``arr``
+        finally:
+            del arr
+
+    return StackSource(f"NumPy {path}", shape, dtype, read)  # type: ignore[arg-type]
 
 
 def _zarr_source(path: Path, voxel_size: Sequence[float] | None) -> StackSource:
@@ -230,32 +265,34 @@ def convert(
     ``voxel_size`` (nm, z y x) is required unless the source carries one (Zarr).
     Float64 input is stored as float32; NaN/inf input is refused.
     """
-    src = open_source(source, voxel_size=voxel_size)
-    if voxel_size is None and src.voxel_size is None:
-        raise InputError("give the voxel size in nm: --voxel-size Z Y X (e.g. --voxel-size 40 4 4)")
-    dtype = check_dtype(src.dtype, src.description)
-    geometry = Geometry(
-        tuple(voxel_size or src.voxel_size),  # type: ignore[arg-type]
-        tuple(src.translation if src.translation and translation == (0.0, 0.0, 0.0) else translation),  # type: ignore[arg-type]
-    )
-    chunks = tuple(chunks or default_chunks(src.shape, dtype))
-    arr = create_volume(
-        output,
-        shape=src.shape,
-        dtype=dtype,
-        geometry=geometry,
-        chunks=chunks,
-        overwrite=overwrite,
-        inputs=[str(source).split(":")[0]],
-        compression=compression,
-        name=Path(str(source)).stem,
-        metadata={"converted_from": src.description},
-    )
-    step = chunks[0]
-    for z0 in tqdm(range(0, src.shape[0], step), desc="convert", unit="slab", disable=not progress):
-        slab = np.asarray(src.read(z0, min(z0 + step, src.shape[0])))
-        check_finite(slab, f"{src.description} slices {z0}..")
-        arr[z0 : z0 + slab.shape[0]] = slab.astype(dtype, copy=False)
+    input_path = str(source).split(":")[0] if ".h5:" in str(source) or ".hdf5:" in str(source) else str(source)
+    check_output_path(output, [input_path])  # before opening anything
+    with open_source(source, voxel_size=voxel_size) as src:
+        if voxel_size is None and src.voxel_size is None:
+            raise InputError("give the voxel size in nm: --voxel-size Z Y X (e.g. --voxel-size 40 4 4)")
+        dtype = check_dtype(src.dtype, src.description)
+        geometry = Geometry(
+            tuple(voxel_size or src.voxel_size),  # type: ignore[arg-type]
+            tuple(src.translation if src.translation and translation == (0.0, 0.0, 0.0) else translation),  # type: ignore[arg-type]
+        )
+        chunks = tuple(chunks or default_chunks(src.shape, dtype))
+        arr = create_volume(
+            output,
+            shape=src.shape,
+            dtype=dtype,
+            geometry=geometry,
+            chunks=chunks,
+            overwrite=overwrite,
+            inputs=[input_path],
+            compression=compression,
+            name=Path(str(source)).stem,
+            metadata={"converted_from": src.description},
+        )
+        step = chunks[0]
+        for z0 in tqdm(range(0, src.shape[0], step), desc="convert", unit="slab", disable=not progress):
+            slab = np.asarray(src.read(z0, min(z0 + step, src.shape[0])))
+            check_finite(slab, f"{src.description} slices {z0}..")
+            arr[z0 : z0 + slab.shape[0]] = slab.astype(dtype, copy=False)
     finalize_volume(output, levels=levels)
     log.info("converted %s -> %s", src.description, output)
     return Path(output)

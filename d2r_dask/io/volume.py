@@ -21,6 +21,7 @@ module imports zarr.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -32,12 +33,14 @@ from typing import Any, Mapping, Sequence
 
 import dask.array as da
 import numpy as np
+from dask.base import tokenize
 import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from .. import __version__
-from ..errors import IncompleteVolumeError, InputError, OutputExistsError
+from ..errors import ChunkReadError, D2RError, IncompleteVolumeError, InputError, OutputExistsError
+from .files import write_json
 from .geometry import Geometry
 
 log = logging.getLogger(__name__)
@@ -143,6 +146,70 @@ def _parent_image(path: Path) -> tuple[Path, int] | None:
     return (path.parent, paths.index(path.name)) if path.name in paths else None
 
 
+class _CheckedArray:
+    """A Zarr array's reads, where a chunk that cannot be decoded is one clear error.
+
+    Every voxel d2r reads (:func:`open_volume`'s Dask arrays, :class:`VolumeReader`)
+    goes through :meth:`__getitem__`, so a corrupt or truncated chunk fails naming the
+    store, the array and the chunk, in every command, instead of a codec's traceback.
+    A chunk that is *absent* is Zarr's fill value by design (a sparse store), not an error.
+    """
+
+    def __init__(self, array: zarr.Array) -> None:
+        self.array = array
+        self.shape = tuple(array.shape)
+        self.dtype = array.dtype
+        self.ndim = array.ndim
+        self.chunks = array.chunks
+
+    def __getitem__(self, selection: Any) -> np.ndarray:
+        try:
+            return self.array[selection]
+        except Exception as exc:  # codecs raise RuntimeError, ValueError, OSError, ...
+            if isinstance(exc, D2RError):
+                raise
+            raise _chunk_error(self.array, selection, exc) from exc
+
+
+def _touched_chunks(array: zarr.Array, selection: Any) -> list[tuple[int, ...]]:
+    """Grid indices of the chunks a selection (per axis: a slice, an int or integer indices) reads."""
+    sel = selection if isinstance(selection, tuple) else (selection,)
+    sel = sel + (slice(None),) * (array.ndim - len(sel))
+    per_axis = []
+    for s, n, c in zip(sel, array.shape, array.chunks):
+        idx = np.arange(n)[s] if isinstance(s, slice) else np.atleast_1d(np.asarray(s, dtype=np.int64)) % n
+        per_axis.append(sorted(set((idx // c).tolist())))  # only on the error path: cost is no concern
+    return list(itertools.product(*per_axis))
+
+
+def _chunk_error(array: zarr.Array, selection: Any, exc: BaseException) -> ChunkReadError:
+    """The error for a failed read: which chunk (re-read one by one to find it), and the fix."""
+    store = getattr(array.store, "root", array.store)
+    where = f"array '{array.path or '/'}' of the store {store}"
+    bad = None
+    try:
+        for idx in _touched_chunks(array, selection):
+            try:
+                array[tuple(slice(i * c, (i + 1) * c) for i, c in zip(idx, array.chunks))]
+            except Exception:
+                bad = idx
+                break
+    except Exception:  # a selection we cannot take apart: report the read as a whole
+        bad = None
+    reason = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}"
+    if bad is None:
+        what = f"a chunk of {where} cannot be read ({reason})"
+    else:
+        shards = array.shards
+        key_idx = bad if shards is None else tuple(i * c // s for i, c, s in zip(bad, array.chunks, shards))
+        what = (f"chunk {bad} of {where} cannot be read (file {store}/"
+                f"{(array.path + '/') if array.path else ''}{array.metadata.encode_chunk_key(key_idx)}; {reason})")
+    if isinstance(exc, PermissionError):
+        return ChunkReadError(f"{what}; check the file permissions")
+    return ChunkReadError(f"{what}; the store is damaged: re-convert it from the source (`d2r convert`) "
+                          "or copy it again from an intact copy")
+
+
 @dataclass(frozen=True)
 class _Located:
     """A stored volume resolved to its Zarr array: which axes are z, y, x and its placement."""
@@ -157,6 +224,11 @@ class _Located:
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(int(self.array.shape[i]) for i in self.spatial)  # type: ignore[return-value]
+
+    @property
+    def checked(self) -> _CheckedArray:
+        """The array to read voxels through (unreadable chunks become one clear error)."""
+        return _CheckedArray(self.array)
 
     def index(self, slices: Sequence[slice]) -> tuple[Any, ...]:
         """The storage-order selection for ``(z, y, x)`` slices (other axes at 0)."""
@@ -246,7 +318,9 @@ def open_volume(
     loc = _locate(path, level, voxel_size)
     if not loc.has_voxel_size:
         log.warning("%s has no voxel size; assuming 1 nm (pass voxel_size to set it)", path)
-    data = da.from_zarr(loc.array)
+    # da.from_zarr's name and chunks, reading through the checked array
+    name = "from-zarr-" + tokenize(loc.array, loc.array.chunks)
+    data = da.from_array(loc.checked, chunks=loc.array.chunks, name=name)
     data = data[loc.index([slice(None)] * 3)].transpose(loc.order)
     if data.dtype != loc.dtype:
         data = data.astype(loc.dtype)
@@ -268,7 +342,7 @@ class VolumeReader:
 
     def __call__(self, slices: Sequence[slice]) -> np.ndarray:
         """The data inside ``slices`` (one per axis z, y, x; steps of 1, inside the volume)."""
-        data = np.asarray(self._loc.array[self._loc.index(tuple(slices))]).transpose(self._loc.order)
+        data = np.asarray(self._loc.checked[self._loc.index(tuple(slices))]).transpose(self._loc.order)
         return data.astype(self.dtype, copy=False)
 
 
@@ -308,29 +382,83 @@ def as_dataarray(
 # --- writing ---------------------------------------------------------------------------
 
 
-def _same_or_inside(a: Path, b: Path) -> bool:
+def _same_or_inside(a: Path, b: Path, containing: bool = True) -> bool:
     a, b = a.resolve(), b.resolve()
-    return a == b or b in a.parents or a in b.parents
+    return a == b or b in a.parents or (containing and a in b.parents)
+
+
+def check_output_path(path: str | os.PathLike, inputs: Sequence[str | os.PathLike | None] = (), *,
+                      containing: bool = True, what: str = "output") -> Path:
+    """Refuse an output that is, lies inside or (``containing``) holds any of ``inputs``; nothing is written.
+
+    ``containing=False`` for outputs that are only added to, never deleted whole (checkpoint folders).
+    """
+    path = Path(path)
+    for src in inputs:
+        if src is not None and _same_or_inside(path, Path(src), containing):
+            raise InputError(f"{what} {path} would overwrite the input {src}; choose another {what} path")
+    return path
+
+
+FOLDER_MARKER = ".d2r-folder"
+"""Marks a plain folder a d2r command made and owns (``d2r demo``'s), so ``--overwrite`` may delete it."""
+
+
+def mark_folder(path: str | os.PathLike, command: str) -> Path:
+    """Create ``path`` (if needed) and mark it as made by d2r's ``command``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / FOLDER_MARKER).exists():
+        write_json(path / FOLDER_MARKER, {"command": command, "version": __version__})
+    return path
+
+
+def written_by_d2r(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder a d2r command wrote, so ``--overwrite`` may delete it.
+
+    Recognised by what d2r writes first: a volume's ``d2r`` attributes, a blockwise
+    job's state (``.d2r/``, written before its volume), a run's ``run.json``, the marker
+    of :func:`mark_folder`; an empty folder holds nothing to lose. Anything else (a file,
+    a home directory, a store of another tool) is not d2r's to delete.
+    """
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        return False
+    if not any(path.iterdir()) or (path / ".d2r").is_dir() or (path / FOLDER_MARKER).is_file() or d2r_metadata(path):
+        return True
+    record = path / "run.json"
+    try:
+        data = json.loads(record.read_text()) if record.is_file() else None
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"config", "stages"} <= set(data)
 
 
 def prepare_output(
-    path: str | os.PathLike, *, overwrite: bool = False, inputs: Sequence[str | os.PathLike] = ()
+    path: str | os.PathLike, *, overwrite: bool = False, inputs: Sequence[str | os.PathLike | None] = ()
 ) -> Path:
-    """Check that ``path`` may be written: never an input, existing only with ``overwrite``."""
-    path = Path(path)
-    for src in inputs:
-        if src is not None and _same_or_inside(path, Path(src)):
-            raise InputError(f"output {path} would overwrite the input {src}; choose another output path")
-    if path.exists():
+    """Check that ``path`` may be written: never an input, existing only with ``overwrite``.
+
+    The one home of the overwrite rule: with ``overwrite`` an existing ``path`` is
+    deleted only if d2r wrote it (:func:`written_by_d2r`), otherwise refused.
+    """
+    path = check_output_path(path, inputs)
+    if path.exists() or path.is_symlink():
         if not overwrite:
             raise OutputExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
-        if not path.is_dir() or (any(path.iterdir()) and not any((path / m).exists() for m in _ZARR_MARKERS)):
-            raise OutputExistsError(
-                f"{path} is not a Zarr store (a file or a non-empty folder); d2r will not delete it "
-                "even with --overwrite: choose another output path"
-            )
+        check_removable(path)
         shutil.rmtree(path)
     return path
+
+
+def check_removable(path: str | os.PathLike) -> None:
+    """Refuse (:class:`OutputExistsError`) an existing ``path`` that d2r did not write: ``--overwrite`` keeps it."""
+    path = Path(path)
+    if (path.exists() or path.is_symlink()) and not written_by_d2r(path):
+        raise OutputExistsError(
+            f"{path} is not a Zarr store or folder written by d2r (a file, a folder of other data, or a store "
+            "of another tool); d2r will not delete it even with --overwrite: choose another output path"
+        )
 
 
 def default_chunks(shape: Sequence[int], dtype: Any) -> tuple[int, int, int]:
@@ -362,13 +490,16 @@ def create_volume(
     inputs: Sequence[str | os.PathLike] = (),
     name: str = "image",
     metadata: Mapping[str, Any] | None = None,
+    in_job_folder: bool = False,
 ) -> zarr.Array:
     """Create an (incomplete) OME-Zarr image and return its full-resolution array.
 
     The group is marked ``complete: false`` until :func:`finalize_volume` runs.
     ``metadata`` is stored under the group's ``d2r`` attributes (provenance,
     configuration). ``shards`` groups chunks into larger files (Zarr v3 sharding),
-    which keeps file counts sane for terabyte volumes.
+    which keeps file counts sane for terabyte volumes. ``in_job_folder``: ``path``
+    already holds the blockwise job's state, written first (the caller checked the
+    path); the image is (re)made beside it and its ``d2r`` attributes come last.
     """
     shape = tuple(int(n) for n in shape)
     if len(shape) != 3 or min(shape) < 1:
@@ -377,9 +508,7 @@ def create_volume(
     chunks = tuple(int(c) for c in (chunks or default_chunks(shape, dtype)))
     if len(chunks) != 3 or min(chunks) < 1:
         raise InputError(f"chunks must be three positive sizes, got {chunks}")
-    path = prepare_output(path, overwrite=overwrite, inputs=inputs)
-    group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    group.attrs["d2r"] = {
+    attrs = {
         "complete": False,
         "version": __version__,
         "name": name,
@@ -387,7 +516,13 @@ def create_volume(
         "translation": list(geometry.translation),
         **dict(metadata or {}),
     }
-    return group.create_array(
+    if in_job_folder:
+        group = zarr.open_group(str(path), mode="a", zarr_format=3)  # "w" would delete the job state
+    else:
+        path = prepare_output(path, overwrite=overwrite, inputs=inputs)
+        group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        group.attrs["d2r"] = attrs
+    array = group.create_array(
         "0",
         shape=shape,
         chunks=chunks,
@@ -396,7 +531,11 @@ def create_volume(
         compressors=_codec(compression),
         fill_value=0,
         dimension_names=AXES,
+        overwrite=in_job_folder,  # an array left by a crash before the attributes holds no result yet
     )
+    if in_job_folder:
+        group.attrs["d2r"] = attrs  # last: attributes naming the job mean the image is made
+    return array
 
 
 def output_array(path: str | os.PathLike, level: int = 0) -> zarr.Array:
@@ -406,9 +545,10 @@ def output_array(path: str | os.PathLike, level: int = 0) -> zarr.Array:
 
 
 def create_scratch(path: str | os.PathLike, *, shape: Sequence[int], chunks: Sequence[int]) -> zarr.Array:
-    """An uncompressed float32 working array (not a volume: no metadata, deleted after use)."""
+    """An uncompressed float32 working array (not a volume: no metadata, deleted after use;
+    one left by an interrupted creation is replaced)."""
     return zarr.create_array(str(path), shape=tuple(shape), chunks=tuple(chunks), dtype="float32",
-                             compressors=None, fill_value=0)
+                             compressors=None, fill_value=0, overwrite=True)
 
 
 def open_scratch(path: str | os.PathLike) -> zarr.Array:

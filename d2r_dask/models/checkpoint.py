@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
 TRAIN_STATE = "train_state.pt"
+TRAIN_STATE_FORMAT = 2
+"""Version of ``train_state.pt``: 2 holds only tensors and plain values (a safe ``weights_only`` load)."""
 
 
 def save_checkpoint(
@@ -46,7 +49,8 @@ def save_checkpoint(
         raise ValueError("checkpoint config needs a 'kind'")
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
     if train_state is not None:
-        atomic_write(directory / TRAIN_STATE, lambda p: torch.save(dict(train_state), p))
+        state = {"format": TRAIN_STATE_FORMAT, **dict(train_state)}
+        atomic_write(directory / TRAIN_STATE, lambda p: torch.save(state, p))
     atomic_write(directory / WEIGHTS, lambda p: save_file(tensors, str(p)))
     atomic_write(directory / CONFIG, lambda p: p.write_text(json.dumps(dict(config), indent=2, default=str)))
     return directory
@@ -103,10 +107,21 @@ def read_train_state(directory: str | os.PathLike) -> dict[str, Any] | None:
         return None
     try:
         # tensors, numbers, strings and containers only: a crafted file cannot run code
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # holds Python objects: an older format, or not d2r's
+        raise CheckpointError(
+            f"{path} is not a d2r training state of this version (it holds Python objects, which d2r never "
+            f"unpickles: {str(exc).splitlines()[0]}); it was written by an older d2r or another program: delete "
+            "it to restart training from scratch, or finish that run with the d2r version that wrote it"
+        ) from exc
     except Exception as exc:
         raise CheckpointError(f"{path} is corrupt or not a d2r training state ({str(exc).splitlines()[0]}); "
                               "delete it to restart training from scratch") from exc
+    if not isinstance(state, dict) or int(state.get("format", TRAIN_STATE_FORMAT)) > TRAIN_STATE_FORMAT:
+        raise CheckpointError(f"{path} is not a d2r training state this version can read (format "
+                              f"{state.get('format') if isinstance(state, dict) else type(state).__name__}); "
+                              "resume with the d2r version that wrote it, or delete it to restart training")
+    return state
 
 
 # --- the two model families' checkpoints ------------------------------------------------

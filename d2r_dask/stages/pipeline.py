@@ -21,16 +21,16 @@ import logging
 import math
 import os
 import platform
-import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 from .. import __version__
-from ..errors import InputError, ResumeMismatchError
+from ..blockwise.lock import exclusive
+from ..errors import InputError, OutputExistsError, ResumeMismatchError
 from ..io.geometry import Box, grid_shape
-from ..io.volume import is_complete, open_volume
+from ..io.volume import check_output_path, check_removable, is_complete, open_volume, prepare_output
 from .config import RunConfig, resolve_auto, upgrade_config
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,90 @@ def stage2_roi(shape: Sequence[int], cfg: RunConfig) -> Box:
     return Box(start, tuple(a + s for a, s in zip(start, size)))
 
 
+@dataclass(frozen=True)
+class Sizes:
+    """What the stages work on for a given LR volume: Stage II's region, the training patches
+    fitted to the data (a default patch larger than a small volume shrinks to it)."""
+
+    roi: Box
+    restorer_patch: int
+    dgean_patch_xy: int
+
+
+def fit_sizes(shape: Sequence[int], cfg: RunConfig) -> Sizes:
+    """Check every stage's minimum sizes and presets for an LR volume of ``shape`` (``cfg`` resolved).
+
+    Each refusal is an :class:`InputError` stating the number needed and the number found.
+    """
+    from ..blockwise.layout import Layout
+    from ..models.dgean import PRESETS as DGEAN_PRESETS, dgean_config, receptive_field
+    from ..models.nafnet import PRESETS as NAFNET_PRESETS
+    from .restore import fitted_halo
+
+    shape = tuple(int(n) for n in shape)
+    for name, preset, known in (("restorer", cfg.restorer.preset, NAFNET_PRESETS),
+                                ("dgean", cfg.dgean.preset, DGEAN_PRESETS)):
+        if preset not in known:
+            raise InputError(f"unknown {name} preset {preset!r} ({name}.preset); choose one of auto, "
+                             f"{', '.join(sorted(known))}")
+    s, d = cfg.factor, cfg.dgean
+    roi = stage2_roi(shape, cfg)
+    net = dgean_config(d.preset, s, cfg.mode)
+    if d.patch_lr_z < net.ca_pool:
+        raise InputError(f"dgean.patch_lr_z is {d.patch_lr_z} LR slices, thinner than DGEAN's {net.ca_pool}-slice "
+                         f"attention window; set it to >= {net.ca_pool}")
+    where = "the Stage II region (restore.roi)" if cfg.restore.roi is not None else "the LR volume"
+    if roi.shape[0] < d.patch_lr_z:
+        fix = (f"set dgean.patch_lr_z to {roi.shape[0]} or less" if roi.shape[0] >= net.ca_pool else
+               f"use an LR volume of >= {net.ca_pool} slices (a smaller factor when degrading)")
+        raise InputError(f"Stage III trains on patches of {d.patch_lr_z} LR slices (dgean.patch_lr_z), but {where} "
+                         f"has {roi.shape[0]}; {fix}")
+    restorer_patch = min(cfg.restorer.patch, shape[1], shape[2])
+    if restorer_patch < 2 * s:
+        raise InputError(f"Stage I trains on XY patches of >= {2 * s} x {2 * s} voxels at factor {s}, but the LR "
+                         f"volume is {shape[1]} x {shape[2]} in XY (restorer.patch {cfg.restorer.patch}); use a "
+                         "larger volume (or a larger restorer.patch)")
+    dgean_patch = min(d.patch_xy, roi.shape[1], roi.shape[2])
+    if dgean_patch < 8:
+        raise InputError(f"Stage III trains on XY patches of >= 8 x 8 voxels, but {where} is {roi.shape[1]} x "
+                         f"{roi.shape[2]} in XY (dgean.patch_xy {d.patch_xy}); use a larger volume or region")
+    # the engine's block rules (halo against block), here so that a dry run states them too
+    Layout(roi=roi, block=cfg.restore.block, halo=fitted_halo(cfg.restore.halo, shape), scale=(s, 1, 1),
+           stitch="blend")
+    Layout(roi=Box((0, 0, 0), shape), block=cfg.infer.block, halo=receptive_field(net), scale=(s, 1, 1),
+           group=cfg.infer.group)
+    return Sizes(roi, restorer_patch, dgean_patch)
+
+
+def check_run(lr_path: str | os.PathLike, output: str | os.PathLike, cfg: RunConfig, *,
+              workdir: str | os.PathLike | None = None, overwrite: bool = False) -> Paths:
+    """Validate a run before any work (``--dry-run`` too); write nothing, return its paths.
+
+    The device must exist; the LR volume must open; the output and the work directory must
+    not be, hold or lie inside the LR volume, nor the work directory lie inside the output;
+    with ``overwrite`` both must be d2r's to delete; presets and minimum sizes per :func:`fit_sizes`.
+    """
+    from .train import check_device
+
+    check_device(cfg.device)
+    cfg = resolve_auto(cfg, cfg.device)
+    paths = Paths(Path(lr_path), Path(output), Path(workdir) if workdir else default_workdir(output))
+    lr = open_volume(paths.lr)  # fails early, with a clear message, on a bad input
+    check_output_path(paths.output, [paths.lr])
+    check_output_path(paths.workdir, [paths.lr], what="work directory")
+    work, out = paths.workdir.resolve(), paths.output.resolve()
+    if work == out or out in work.parents:
+        raise InputError(f"the work directory {paths.workdir} would lie inside the output {paths.output}; "
+                         "choose another --workdir")
+    if overwrite:
+        for old in (paths.workdir, paths.output):
+            check_removable(old)
+    elif paths.output.exists() and is_complete(paths.output) and not paths.record.exists():
+        raise OutputExistsError(f"{paths.output} already exists; pass --overwrite to replace it")
+    fit_sizes(tuple(lr.shape), cfg)
+    return paths
+
+
 def plan(lr_path: str | os.PathLike, cfg: RunConfig) -> dict[str, Any]:
     """What each stage will do: data, blocks, network evaluations (no computation)."""
     from ..models.dgean import dgean_config, flops_per_output_voxel, receptive_field
@@ -91,11 +175,12 @@ def plan(lr_path: str | os.PathLike, cfg: RunConfig) -> dict[str, Any]:
     lr = open_volume(lr_path)
     s = cfg.factor
     shape = tuple(lr.shape)
-    roi = stage2_roi(shape, cfg)
+    cfg = resolve_auto(cfg, cfg.device)
+    sizes = fit_sizes(shape, cfg)
+    roi = sizes.roi
     tiles = math.prod(grid_shape(roi.shape, cfg.restore.block))
     tile = [b + 2 * h for b, h in zip(cfg.restore.block, cfg.restore.halo)]
     slices_per_tile = tile[1] + tile[2]
-    cfg = resolve_auto(cfg, cfg.device)
     sampler, nfe = _restorer_config(cfg).resolved_sampler()
     nfe = nfe or 100  # what Stage II runs, whichever the sampler (sde without steps runs all T)
     dcfg = dgean_config(cfg.dgean.preset, s, cfg.mode)
@@ -109,13 +194,14 @@ def plan(lr_path: str | os.PathLike, cfg: RunConfig) -> dict[str, Any]:
         "stages": [
             {"stage": "I train restorer", "steps": cfg.restorer.steps, "batch": cfg.restorer.batch_size,
              "network_evaluations": cfg.restorer.steps * cfg.restorer.batch_size,
-             "patch": [cfg.restorer.patch, cfg.restorer.patch], "preset": cfg.restorer.preset},
+             "patch": [sizes.restorer_patch, sizes.restorer_patch], "preset": cfg.restorer.preset},
             {"stage": "II restore XZ/YZ", "roi": [list(roi.start), list(roi.stop)], "tiles": tiles,
              "slices": tiles * slices_per_tile,
              "network_evaluations": tiles * slices_per_tile * nfe,
              "pixel_evaluations": tiles * slices_per_tile * nfe * tile[0] * s * max(tile[1], tile[2]),
              "sampler": f"{sampler} x{nfe}"},
             {"stage": "III train DGEAN", "steps": cfg.dgean.steps, "batch": cfg.dgean.batch_size,
+             "patch": [cfg.dgean.patch_lr_z * s, sizes.dgean_patch_xy, sizes.dgean_patch_xy],
              "network_evaluations": cfg.dgean.steps * cfg.dgean.batch_size, "preset": cfg.dgean.preset},
             {"stage": "IV infer", "blocks": blocks, "halo": list(halo), "block": sized["block"],
              "halo_overhead": sized["halo_overhead"], "device": sized["device"],
@@ -178,19 +264,27 @@ def run(
     ``auto`` presets and unset steps are resolved for the device first (:func:`resolve_auto`);
     the record holds the resolved configuration, the intensity mapping measured once on the
     LR volume, and each training stage's self-check (``self_check``: the model against
-    interpolation on held-out patches degraded like z).
+    interpolation on held-out patches degraded like z). Everything is validated before any
+    work (:func:`check_run`); the run holds the locks of its work directory and its output,
+    so a second run on either is refused while this one lives.
     """
+    cfg = resolve_auto(cfg, cfg.device)
+    paths = check_run(lr_path, output, cfg, workdir=workdir, overwrite=overwrite)
+    with exclusive(paths.workdir, what="work directory"), exclusive(paths.output):
+        return _run(paths, cfg, client=client, serial=serial, overwrite=overwrite, progress=progress, levels=levels)
+
+
+def _run(paths: Paths, cfg: RunConfig, *, client: Any, serial: bool, overwrite: bool, progress: bool,
+         levels: int) -> dict[str, Any]:
+    """:func:`run` after validation, holding the locks."""
     from .infer import infer
     from .restore import restore
     from .train import DGEANTrainConfig, TrainConfig, train_dgean, train_restorer
     from ..data.intensity import Intensity
     from ..io.files import write_json
 
-    cfg = resolve_auto(cfg, cfg.device)
-    paths = Paths(Path(lr_path), Path(output), Path(workdir) if workdir else default_workdir(output))
-    lr = open_volume(paths.lr)  # fails early, with a clear message, on a bad input
-    if paths.output.exists() and not overwrite and is_complete(paths.output) and not paths.record.exists():
-        raise InputError(f"{paths.output} already exists; pass --overwrite to replace it")
+    lr = open_volume(paths.lr)
+    sizes = fit_sizes(tuple(lr.shape), cfg)
     record: dict[str, Any] = {}
     if paths.record.exists() and not overwrite:
         record = json.loads(paths.record.read_text())
@@ -205,8 +299,7 @@ def run(
             )
     elif overwrite:
         for old in (paths.workdir, paths.output):
-            if old.exists():
-                shutil.rmtree(old)
+            prepare_output(old, overwrite=True)  # d2r's own only (checked by check_run), deleted
     if cfg.infer.block is None:  # sized once, to this device, and recorded: a resume keeps it
         from ..models.dgean import dgean_config
         from .sizing import device_info, infer_block
@@ -217,6 +310,7 @@ def run(
         log.info("Stage IV block %s (halo overhead %.2fx)", sized["block"], sized["halo_overhead"])
     paths.workdir.mkdir(parents=True, exist_ok=True)
     intensity = Intensity(**record["intensity"]) if "intensity" in record else Intensity.for_volume(lr.data)
+    paths.workdir.mkdir(parents=True, exist_ok=True)  # after the first LR read (its intensity sample)
     record.update({"input": str(paths.lr.resolve()), "output": str(paths.output.resolve()),
                    "config": cfg.to_dict(), "intensity": intensity.to_dict(), "versions": _versions(),
                    "plan": plan(paths.lr, cfg)})
@@ -253,20 +347,19 @@ def run(
         write_json(paths.record, record)
 
     r, d = cfg.restorer, cfg.dgean
-    rcfg = _restorer_config(cfg)
+    rcfg = replace(_restorer_config(cfg), patch=sizes.restorer_patch)
     stage("restorer", _training_done(paths.restorer, r.steps), lambda: train_restorer(
         paths.lr, paths.restorer, rcfg,
         TrainConfig(steps=r.steps, batch_size=r.batch_size, lr=r.lr, seed=cfg.seed,
                     device=cfg.device, checkpoint_every=max(1, r.steps // 6), val_every=max(1, r.steps // 4)),
         resume=True, progress=progress, intensity=intensity))
     trained("restorer", paths.restorer)
-    roi = stage2_roi(tuple(lr.shape), cfg)
     stage("pseudo_hr", is_complete(paths.pseudo_hr), lambda: restore(
-        paths.lr, paths.pseudo_hr, paths.restorer, roi=roi, block=cfg.restore.block, halo=cfg.restore.halo,
+        paths.lr, paths.pseudo_hr, paths.restorer, roi=sizes.roi, block=cfg.restore.block, halo=cfg.restore.halo,
         seed=cfg.seed, slice_batch=cfg.restore.slice_batch, client=client, serial=serial, progress=progress))
     stage("dgean", _training_done(paths.dgean, d.steps), lambda: train_dgean(
         paths.pseudo_hr, paths.dgean,
-        DGEANTrainConfig(factor=cfg.factor, mode=cfg.mode, preset=d.preset, patch_xy=d.patch_xy,
+        DGEANTrainConfig(factor=cfg.factor, mode=cfg.mode, preset=d.preset, patch_xy=sizes.dgean_patch_xy,
                          patch_lr_z=d.patch_lr_z, hf_weight=d.hf_weight),
         TrainConfig(steps=d.steps, batch_size=d.batch_size, lr=d.lr, seed=cfg.seed, device=cfg.device,
                     checkpoint_every=max(1, d.steps // 6), val_every=max(1, d.steps // 4)),

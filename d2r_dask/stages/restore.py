@@ -133,11 +133,15 @@ def restorer_job(model: str | os.PathLike, shape: Sequence[int], *, halo: Sequen
         options["steps"] = steps
     if orientation != "both":  # "both" keeps the spec (and the job hash) of runs made before the option
         options["orientations"] = list(ORIENTATIONS[orientation])
-    # reflection needs the halo below half the volume's extent
-    halo = tuple(min(h, max(0, n // 2 - 1)) if n > 1 else 0 for h, n in zip(halo, shape))
+    halo = fitted_halo(halo, shape)
     return {"spec": ModelSpec("restorer", str(model), options), "halo": halo, "scale": (factor, 1, 1),
             "factor": factor, "mode": mode,
             "metadata": {"stage": "II (pseudo-HR)", "model": str(model), "factor": factor, "mode": mode}}
+
+
+def fitted_halo(halo: Sequence[int], shape: Sequence[int]) -> Triple:
+    """``halo`` where reflection allows it: below half the volume's extent along each axis."""
+    return tuple(min(h, max(0, n // 2 - 1)) if n > 1 else 0 for h, n in zip(halo, shape))  # type: ignore[return-value]
 
 
 def restore(

@@ -36,6 +36,7 @@ from ..errors import CheckpointError, InputError, OutputExistsError
 from ..evaluation.selfcheck import read_self_check
 from ..io.files import atomic_write
 from ..io.geometry import check_factor, check_mode
+from ..io.volume import check_output_path
 from ..models.checkpoint import TRAIN_STATE, read_config, read_train_state, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -63,9 +64,25 @@ class TrainConfig:
             raise InputError("steps, batch size, checkpoint and validation intervals must be >= 1")
         if not 0 <= self.ema < 1 or (self.lr is not None and self.lr <= 0):
             raise InputError("need 0 <= ema < 1 and lr > 0")
+        check_device(self.device)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a device torch does not know, or a GPU this machine does not have (None: pick one)."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= n:
+            raise InputError(f"--device {device}: this machine has {n} CUDA GPU(s); "
+                             + (f"use cuda:0 to cuda:{n - 1}" if n else "use --device cpu (or leave it out)"))
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -311,12 +328,12 @@ def train_restorer(
     from ..models.sde import IRSDE, SDEConfig
 
     tcfg = _with_default_lr(tcfg, default_restorer_lr(rcfg))
+    check_output_path(out, [lr_volume], containing=False)
     source, val_source = _sources(lr_volume, intensity=intensity)
-    size = min(rcfg.patch, source.shape[1], source.shape[2])
-    if size < rcfg.patch:
-        log.warning("patch %d is larger than the volume's XY size; using %d", rcfg.patch, size)
-        rcfg = replace(rcfg, patch=size)
-    source.check_fits((1, rcfg.patch, rcfg.patch), "XY")
+    side = min(source.shape[1], source.shape[2])
+    source.check_fits((1, rcfg.patch, rcfg.patch), "XY", fix=(
+        f"use --patch {side} or less (>= {2 * rcfg.factor} for factor {rcfg.factor})" if side >= 2 * rcfg.factor
+        else f"use a volume of at least {2 * rcfg.factor} x {2 * rcfg.factor} voxels in XY"))
     sde_cfg = SDEConfig(prediction=rcfg.prediction)
     sde = IRSDE(sde_cfg)
     sampler, sampler_steps = rcfg.resolved_sampler()
@@ -442,6 +459,7 @@ def train_dgean(
     from ..models.losses import hf_loss
 
     tcfg = _with_default_lr(tcfg, DGEAN_LR)
+    check_output_path(out, [hr_volume], containing=False)
     s = dcfg.factor
     depth = dcfg.patch_lr_z * s
     # Patches are read one LR period deeper (z-flips keep the acquisition grid) and start on the
@@ -450,8 +468,13 @@ def train_dgean(
     val_lr_z = 3
     source, val_source = _sources(hr_volume, z_range, intensity, min_val_slices=(val_lr_z + 2) * s - 1)
     z0, z1 = z_range or (0, source.shape[0])
-    size = min(dcfg.patch_xy, source.shape[1], source.shape[2])
-    source.check_fits((depth + 2 * s - 1, size, size), "3D")
+    size, need = dcfg.patch_xy, depth + 2 * s - 1
+    usable, side = source.z_range[1] - source.z_range[0], min(source.shape[1:])
+    most_lr_z = (usable + 1) // s - 2
+    fixes = ([f"--patch-xy {side} or less"] if size > side else []) + (
+        [f"--patch-lr-z {most_lr_z} or less (factor {s})"] if need > usable and most_lr_z >= 2 else [])
+    source.check_fits((need, size, size), "3D", fix=f"use {' and '.join(fixes)}, or a larger volume" if fixes
+                      else "use a volume with more slices")
     val_depth = min(depth, ((val_source.z_range[1] - val_source.z_range[0] - s + 1) // s - 1) * s)
     if val_depth < val_lr_z * s:
         val_source, val_depth = source, depth  # too few slices to hold out: validate on training slices
