@@ -266,7 +266,7 @@ def _echo_self_check(name: str, check: dict[str, Any] | None) -> None:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint folder.")
 @click.option("--mode", type=click.Choice(["decimate", "mean"]), default="decimate",
               help="How the acquisition degrades z (the same as the LR).")
-@click.option("--preset", type=click.Choice(["tiny", "base", "full"]), default="tiny", help="Network size.")
+@click.option("--preset", type=click.Choice(["tiny", "small", "base", "full"]), default="tiny", help="Network size.")
 @click.option("--patch-xy", type=int, default=48)
 @click.option("--patch-lr-z", type=int, default=8, help="LR slices per patch (HR depth = this x factor).")
 @click.option("--hf-weight", type=float, default=0.5, help="Weight of the gradient (high-frequency) loss.")
@@ -450,7 +450,7 @@ def _run_overrides(factor: int | None, mode: str | None, seed: int | None, devic
 @click.option("--dgean-steps", type=int, default=None, help="Stage III training steps [default: by device].")
 @click.option("--restorer-preset", type=click.Choice(["auto", "tiny", "small", "full"]), default=None,
               help="Restorer size [default: auto: tiny on a CPU, full on a GPU].")
-@click.option("--dgean-preset", type=click.Choice(["auto", "tiny", "base", "full"]), default=None,
+@click.option("--dgean-preset", type=click.Choice(["auto", "tiny", "small", "base", "full"]), default=None,
               help="DGEAN size [default: auto: tiny on a CPU, full on a GPU].")
 @roi_option
 @click.option("--tta", is_flag=True, help="Stage IV test-time averaging (8x slower).")
@@ -553,7 +553,7 @@ def evaluate(result: Path, gt: Path, lr_path: Path | None, pseudo_hr: Path | Non
 
     check_output_path(out, [gt, lr_path, *candidates.values()], containing=False)
     run_evaluate(gt, candidates, lr_path=lr_path, factor=factor, mode=mode, out_dir=out, slab=slab,
-                           interpolations=("nearest", "linear", "cubic"))
+                 interpolations=("nearest", "linear", "cubic"))
     click.echo((out / "report.md").read_text())
     click.echo(f"report: {out / 'report.md'}")
 

@@ -396,10 +396,10 @@ def test_patch_source_reads_one_patch_at_a_time(tmp_path: Path, monkeypatch: pyt
 
 def test_patch_larger_than_the_volume_is_a_clear_error(tmp_path: Path) -> None:
     thin = write(tmp_path / "thin.zarr", synth_array((8, 24, 24), seed=9), voxel_size=(10.0, 10.0, 10.0))
-    with pytest.raises(InputError, match=r"3D training patch needs 12 x 16 x 16 voxels .* 7 usable slices x 24 x 24; "
+    with pytest.raises(InputError, match=r"3D training patch needs 19 x 16 x 16 voxels .* 8 usable slices x 24 x 24; "
                                          r"use a volume with more slices"):
         train_dgean(thin, tmp_path / "d", tiny_dgean_cfg(), tiny_train(), progress=False)
-    with pytest.raises(InputError, match=r"needs 8 x 32 x 32 .* use --patch-xy 24 or less and --patch-lr-z 3 or "
+    with pytest.raises(InputError, match=r"needs 11 x 32 x 32 .* use --patch-xy 24 or less and --patch-lr-z 2 or "
                                          r"less \(factor 2\), or a larger volume"):
         train_dgean(thin, tmp_path / "d", tiny_dgean_cfg(patch_xy=32, patch_lr_z=4, factor=2), tiny_train(),
                     progress=False)

@@ -91,6 +91,7 @@ class Sizes:
     roi: Box
     restorer_patch: int
     dgean_patch_xy: int
+    dgean_patch_lr_z: int
 
 
 def fit_sizes(shape: Sequence[int], cfg: RunConfig) -> Sizes:
@@ -116,11 +117,12 @@ def fit_sizes(shape: Sequence[int], cfg: RunConfig) -> Sizes:
         raise InputError(f"dgean.patch_lr_z is {d.patch_lr_z} LR slices, thinner than DGEAN's {net.ca_pool}-slice "
                          f"attention window; set it to >= {net.ca_pool}")
     where = "the Stage II region (restore.roi)" if cfg.restore.roi is not None else "the LR volume"
-    if roi.shape[0] < d.patch_lr_z:
-        fix = (f"set dgean.patch_lr_z to {roi.shape[0]} or less" if roi.shape[0] >= net.ca_pool else
-               f"use an LR volume of >= {net.ca_pool} slices (a smaller factor when degrading)")
-        raise InputError(f"Stage III trains on patches of {d.patch_lr_z} LR slices (dgean.patch_lr_z), but {where} "
-                         f"has {roi.shape[0]}; {fix}")
+    # Stage III reads one spare LR period (z-flips) and starts on the LR grid: patch + 2 LR slices
+    dgean_lr_z = min(d.patch_lr_z, roi.shape[0] - 2)
+    if dgean_lr_z < net.ca_pool:
+        raise InputError(f"Stage III reads training patches of (dgean.patch_lr_z + 2) LR slices, at least "
+                         f"{net.ca_pool + 2} (DGEAN's attention window + 2), but {where} has {roi.shape[0]}; use an "
+                         f"LR volume of >= {net.ca_pool + 2} slices (a smaller factor when degrading)")
     restorer_patch = min(cfg.restorer.patch, shape[1], shape[2])
     if restorer_patch < 2 * s:
         raise InputError(f"Stage I trains on XY patches of >= {2 * s} x {2 * s} voxels at factor {s}, but the LR "
@@ -133,9 +135,10 @@ def fit_sizes(shape: Sequence[int], cfg: RunConfig) -> Sizes:
     # the engine's block rules (halo against block), here so that a dry run states them too
     Layout(roi=roi, block=cfg.restore.block, halo=fitted_halo(cfg.restore.halo, shape), scale=(s, 1, 1),
            stitch="blend")
-    Layout(roi=Box((0, 0, 0), shape), block=cfg.infer.block, halo=receptive_field(net), scale=(s, 1, 1),
-           group=cfg.infer.group)
-    return Sizes(roi, restorer_patch, dgean_patch)
+    if cfg.infer.block is not None:  # None: sized to the device later, always valid
+        Layout(roi=Box((0, 0, 0), shape), block=cfg.infer.block, halo=receptive_field(net), scale=(s, 1, 1),
+               group=cfg.infer.group)
+    return Sizes(roi, restorer_patch, dgean_patch, dgean_lr_z)
 
 
 def check_run(lr_path: str | os.PathLike, output: str | os.PathLike, cfg: RunConfig, *,
@@ -201,7 +204,7 @@ def plan(lr_path: str | os.PathLike, cfg: RunConfig) -> dict[str, Any]:
              "pixel_evaluations": tiles * slices_per_tile * nfe * tile[0] * s * max(tile[1], tile[2]),
              "sampler": f"{sampler} x{nfe}"},
             {"stage": "III train DGEAN", "steps": cfg.dgean.steps, "batch": cfg.dgean.batch_size,
-             "patch": [cfg.dgean.patch_lr_z * s, sizes.dgean_patch_xy, sizes.dgean_patch_xy],
+             "patch": [sizes.dgean_patch_lr_z * s, sizes.dgean_patch_xy, sizes.dgean_patch_xy],
              "network_evaluations": cfg.dgean.steps * cfg.dgean.batch_size, "preset": cfg.dgean.preset},
             {"stage": "IV infer", "blocks": blocks, "halo": list(halo), "block": sized["block"],
              "halo_overhead": sized["halo_overhead"], "device": sized["device"],
@@ -360,7 +363,7 @@ def _run(paths: Paths, cfg: RunConfig, *, client: Any, serial: bool, overwrite: 
     stage("dgean", _training_done(paths.dgean, d.steps), lambda: train_dgean(
         paths.pseudo_hr, paths.dgean,
         DGEANTrainConfig(factor=cfg.factor, mode=cfg.mode, preset=d.preset, patch_xy=sizes.dgean_patch_xy,
-                         patch_lr_z=d.patch_lr_z, hf_weight=d.hf_weight),
+                         patch_lr_z=sizes.dgean_patch_lr_z, hf_weight=d.hf_weight),
         TrainConfig(steps=d.steps, batch_size=d.batch_size, lr=d.lr, seed=cfg.seed, device=cfg.device,
                     checkpoint_every=max(1, d.steps // 6), val_every=max(1, d.steps // 4)),
         resume=True, progress=progress, intensity=intensity))

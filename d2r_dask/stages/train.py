@@ -235,24 +235,27 @@ def _stack_pairs(pairs: list[tuple[np.ndarray, np.ndarray]], device: torch.devic
     return first, second
 
 
-def _validation_split(n_slices: int, fraction: float = 0.1, min_slices: int = 1) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Train on the first slices, validate on the last ``fraction`` — at least ``min_slices``
-    (one validation patch deep) as long as as many remain to train on."""
+def _validation_split(n_slices: int, fraction: float = 0.1, min_slices: int = 1,
+                      keep: int = 1) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Train on the first slices, validate on the last ``fraction``: at least ``min_slices`` (one
+    validation patch deep) where ``keep`` slices remain to train on. A volume too thin to hold
+    anything out trains and validates on all of it."""
     n_val = max(1, int(round(n_slices * fraction)))
-    if n_val < min_slices <= n_slices - min_slices:
+    if n_val < min_slices <= n_slices - keep:
         n_val = min_slices
-    if n_slices - n_val < 1:
+    if n_slices - n_val < keep:
         return (0, n_slices), (0, n_slices)
     return (0, n_slices - n_val), (n_slices - n_val, n_slices)
 
 
 def _sources(path: str | os.PathLike, z_range: tuple[int, int] | None = None,
-             intensity: Intensity | None = None, min_val_slices: int = 1) -> tuple[PatchSource, PatchSource]:
-    """Training and validation patch sources: the last tenth of ``z_range`` (at least
-    ``min_val_slices``) is held out."""
+             intensity: Intensity | None = None, min_val_slices: int = 1,
+             min_train_slices: int = 1) -> tuple[PatchSource, PatchSource]:
+    """Training and validation patch sources: the last tenth of ``z_range`` (see
+    :func:`_validation_split`) is held out."""
     probe = PatchSource(path, intensity=intensity)
     z0, z1 = z_range or (0, probe.shape[0])
-    (a, b), (c, d) = _validation_split(z1 - z0, min_slices=min_val_slices)
+    (a, b), (c, d) = _validation_split(z1 - z0, min_slices=min_val_slices, keep=min_train_slices)
     return (PatchSource(path, z_range=(z0 + a, z0 + b), intensity=probe.intensity),
             PatchSource(path, z_range=(z0 + c, z0 + d), intensity=probe.intensity))
 
@@ -465,10 +468,11 @@ def train_dgean(
     # Patches are read one LR period deeper (z-flips keep the acquisition grid) and start on the
     # grid (up to s-1 slices of slack). Validation patches may be thinner than training ones, down
     # to 3 LR slices (the attention window), so that a tenth of a thin volume can be held out.
-    val_lr_z = 3
-    source, val_source = _sources(hr_volume, z_range, intensity, min_val_slices=(val_lr_z + 2) * s - 1)
+    val_lr_z, need = 3, depth + 2 * s - 1
+    source, val_source = _sources(hr_volume, z_range, intensity, min_val_slices=(val_lr_z + 2) * s - 1,
+                                  min_train_slices=need)
     z0, z1 = z_range or (0, source.shape[0])
-    size, need = dcfg.patch_xy, depth + 2 * s - 1
+    size = dcfg.patch_xy
     usable, side = source.z_range[1] - source.z_range[0], min(source.shape[1:])
     most_lr_z = (usable + 1) // s - 2
     fixes = ([f"--patch-xy {side} or less"] if size > side else []) + (
@@ -476,7 +480,7 @@ def train_dgean(
     source.check_fits((need, size, size), "3D", fix=f"use {' and '.join(fixes)}, or a larger volume" if fixes
                       else "use a volume with more slices")
     val_depth = min(depth, ((val_source.z_range[1] - val_source.z_range[0] - s + 1) // s - 1) * s)
-    if val_depth < val_lr_z * s:
+    if val_depth < val_lr_z * s or val_source.z_range == source.z_range:
         val_source, val_depth = source, depth  # too few slices to hold out: validate on training slices
         log.warning("%s is too thin to hold out a validation patch; validating on training slices", hr_volume)
     torch.manual_seed(tcfg.seed)
