@@ -60,7 +60,7 @@ class Layout:
                 if h and n > b and b < 2 * h:
                     raise InputError(
                         f"blend mode needs blocks at least twice the halo: block {ax}={b} < 2 x {h}; "
-                        f"use a block of >= {2 * h} along {ax} or a smaller overlap"
+                        f"use a block of >= {2 * h} along {ax} or a halo of <= {b // 2} (--halo)"
                     )
 
     @property
