@@ -1,15 +1,19 @@
-"""Shared helpers of the engine benchmarks: machine description, input volumes, tables, JSON."""
+"""Shared helpers of the engine benchmarks: machine description, input volumes, models,
+cluster options, timing, memory sampling, tables, JSON."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import datetime
 import json
 import os
 import platform
+import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -70,6 +74,45 @@ def synthetic_volume(path: Path, shape: Sequence[int], *, chunks: Sequence[int] 
     return path
 
 
+def random_dgean(directory: Path, factor: int, preset: str) -> Path:
+    """A DGEAN checkpoint with random weights, written as the trainer writes one (speed does
+    not depend on training)."""
+    import torch
+
+    from d2r_dask.models.checkpoint import save_checkpoint
+    from d2r_dask.models.dgean import DGEAN, dgean_config
+
+    torch.manual_seed(0)
+    cfg = dgean_config(preset, factor, "decimate")
+    net = DGEAN(cfg)
+    config = {"kind": "dgean", "model": cfg.to_dict(), "preset": preset, "factor": factor, "mode": "decimate",
+              "intensity": {"low": 0.0, "high": 255.0}, "step": 0}
+    return save_checkpoint(directory, weights=net.state_dict(), config=config)
+
+
+def cluster_options(ap: argparse.ArgumentParser, *, memory_limit: str, workdir: str,
+                    memory_help: str | None = None) -> None:
+    """``--workers``, ``--memory-limit`` (per worker) and ``--workdir`` (under the temp folder)."""
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--memory-limit", default=memory_limit, help=memory_help)
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / workdir)
+
+
+@contextlib.contextmanager
+def local_cluster(args: argparse.Namespace) -> Iterator[Any]:
+    """A client of a LocalCluster of ``args.workers`` processes x 1 thread, ``args.memory_limit`` each."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      memory_limit=args.memory_limit) as cluster, Client(cluster) as client:
+        yield client
+
+
+def params(args: argparse.Namespace) -> dict[str, Any]:
+    """The command-line arguments as JSON-ready values (paths as strings)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
 def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
     def fmt(v: Any) -> str:
         if isinstance(v, float):
@@ -92,34 +135,48 @@ def save(name: str, payload: Mapping[str, Any]) -> Path:
     return path
 
 
-class RssSampler:
-    """Samples the RSS of every worker (``client.run``) and of the scheduler
-    (``client.run_on_scheduler``) from a background thread of the client."""
+class _Sampler:
+    """Calls ``sample()`` every ``interval`` seconds from a background thread while in a ``with``."""
 
-    def __init__(self, client: Any, interval: float = 0.25) -> None:
-        self.client, self.interval = client, interval
-        self.workers: dict[str, list[int]] = {}
-        self.scheduler: list[int] = []
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
+    def sample(self) -> None:
+        raise NotImplementedError
+
     def _loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                for addr, rss in self.client.run(_rss).items():
-                    self.workers.setdefault(addr, []).append(rss)
-                self.scheduler.append(self.client.run_on_scheduler(_rss))
-            except Exception:  # a worker restarting; sample again
-                pass
+            self.sample()
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> RssSampler:
+    def __enter__(self) -> Any:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class RssSampler(_Sampler):
+    """Samples the RSS of every worker (``client.run``) and of the scheduler
+    (``client.run_on_scheduler``) from a background thread of the client."""
+
+    def __init__(self, client: Any, interval: float = 0.25) -> None:
+        super().__init__(interval)
+        self.client = client
+        self.workers: dict[str, list[int]] = {}
+        self.scheduler: list[int] = []
+
+    def sample(self) -> None:
+        try:
+            for addr, rss in self.client.run(_rss).items():
+                self.workers.setdefault(addr, []).append(rss)
+            self.scheduler.append(self.client.run_on_scheduler(_rss))
+        except Exception:  # a worker restarting; sample again
+            pass
 
     def summary(self) -> dict[str, float]:
         mib = 2**20
@@ -132,6 +189,23 @@ class RssSampler:
         }
 
 
+class LocalRss(_Sampler):
+    """Peak RSS of this process, sampled from a thread (a local mode's 'worker')."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        import psutil
+
+        super().__init__(interval)
+        self.proc, self.samples = psutil.Process(), [psutil.Process().memory_info().rss]
+
+    def sample(self) -> None:
+        self.samples.append(self.proc.memory_info().rss)
+
+    def summary(self) -> dict[str, float]:
+        return {"worker_start_mib": self.samples[0] / 2**20, "worker_peak_mib": max(self.samples) / 2**20,
+                "samples": len(self.samples)}
+
+
 def _rss() -> int:
     import psutil
 
@@ -142,3 +216,14 @@ def timed(fn: Callable[[], Any]) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def repeat_timed(fn: Callable[[], Any], reps: int, sync: Callable[[], None] = lambda: None) -> list[float]:
+    """Wall seconds of each of ``reps`` calls of ``fn``, ``sync()`` (a device's queue drained) in each."""
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times

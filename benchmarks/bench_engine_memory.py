@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import tempfile
 import time
-from pathlib import Path
 
-from _bench import RssSampler, machine_info, print_table, save, synthetic_volume
+from _bench import RssSampler, cluster_options, local_cluster, machine_info, params, print_table, save
+from _bench import synthetic_volume
 
 
 def main() -> None:
@@ -30,13 +29,11 @@ def main() -> None:
     ap.add_argument("--shape", type=int, nargs=3, default=(48, 256, 256), help="the 1x volume (z y x); 8x doubles each")
     ap.add_argument("--block", type=int, nargs=3, default=(16, 64, 64))
     ap.add_argument("--scale-z", type=int, default=8, help="output slices per input slice")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--memory-limit", default="640MiB", help="per worker (dask pauses a worker at 80%%)")
-    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "d2r-bench")
+    cluster_options(ap, memory_limit="640MiB", workdir="d2r-bench",
+                    memory_help="per worker (dask pauses a worker at 80%%)")
     args = ap.parse_args()
 
     from dask.utils import parse_bytes
-    from distributed import Client, LocalCluster
 
     from d2r_dask.blockwise.scheduler import run_blockwise
     from d2r_dask.blockwise.processors import ModelSpec
@@ -46,8 +43,7 @@ def main() -> None:
     spec = ModelSpec("conv3d", options={"scale_z": args.scale_z})
     rows = []
     limit_mib = parse_bytes(args.memory_limit) / 2**20
-    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      memory_limit=args.memory_limit) as cluster, Client(cluster) as client:
+    with local_cluster(args) as client:
         for factor in (1, 8):
             shape = tuple(n * (2 if factor == 8 else 1) for n in args.shape)
             t0 = time.perf_counter()
@@ -72,9 +68,8 @@ def main() -> None:
     print_table(rows, ["volume", "input shape", "blocks", "output MiB", "worker limit MiB", "seconds",
                        "worker_start_mib", "worker_peak_mib", "scheduler_peak_mib", "samples"])
     print("(LocalCluster runs the scheduler inside the client process: its RSS includes the client)")
-    save("bench_engine_memory", {"machine": info, "params": {k: str(v) if isinstance(v, Path) else v
-                                                              for k, v in vars(args).items()},
-                                 "rows": rows, "goal": "peak RSS ratio 8x / 1x <= 1.2 (workers and scheduler)"})
+    save("bench_engine_memory", {"machine": info, "params": params(args), "rows": rows,
+                                 "goal": "peak RSS ratio 8x / 1x <= 1.2 (workers and scheduler)"})
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import machine_info  # noqa: E402
+from _bench import machine_info, random_dgean, repeat_timed  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -43,16 +43,6 @@ def _sync(device: Any) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
-def _best(fn: Callable[[], Any], reps: int, sync: Callable[[], None]) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def lr_volume(path: Path, shape: tuple[int, int, int]) -> Path:
     """A synthetic vEM LR volume (uint8, 40 x 10 x 10 nm)."""
     from d2r_dask.data.synth import synth_dask
@@ -61,21 +51,6 @@ def lr_volume(path: Path, shape: tuple[int, int, int]) -> Path:
 
     data = synth_dask(shape, chunks=tuple(min(64, n) for n in shape), seed=1)
     return write_volume(path, data, Geometry((40.0, 10.0, 10.0)), chunks=tuple(min(64, n) for n in shape))
-
-
-def dgean_checkpoint(directory: Path, preset: str, factor: int) -> Path:
-    """A DGEAN checkpoint with random weights, written as the trainer writes it."""
-    import torch
-
-    from d2r_dask.models.checkpoint import save_checkpoint
-    from d2r_dask.models.dgean import DGEAN, dgean_config
-
-    torch.manual_seed(0)
-    cfg = dgean_config(preset, factor, "decimate")
-    net = DGEAN(cfg)
-    config = {"kind": "dgean", "model": cfg.to_dict(), "preset": preset, "factor": factor, "mode": "decimate",
-              "intensity": {"low": 0.0, "high": 255.0}, "step": 0}
-    return save_checkpoint(directory, weights=net.state_dict(), config=config)
 
 
 def stage4(lr: Path, work: Path, preset: str, device: Any, compile_: bool, reps: int) -> dict[str, Any]:
@@ -90,7 +65,7 @@ def stage4(lr: Path, work: Path, preset: str, device: Any, compile_: bool, reps:
     from d2r_dask.stages.infer import DGEANProcessor, infer
     from d2r_dask.stages.sizing import device_info, infer_block
 
-    model = dgean_checkpoint(work / f"dgean-{preset}", preset, 4)
+    model = random_dgean(work / f"dgean-{preset}", 4, preset)
     shape = tuple(open_volume(lr).shape)
     cfg, _ = read_dgean_config(model)
     sized = infer_block(shape, cfg, device_info(str(device)))
@@ -111,7 +86,7 @@ def stage4(lr: Path, work: Path, preset: str, device: Any, compile_: bool, reps:
     bare()  # warm-up (compiles)
     sync()
     first = time.perf_counter() - t0
-    t_tile = _best(bare, reps, sync)
+    t_tile = min(repeat_timed(bare, reps, sync))
     useful = shape[0] * 4 * shape[1] * shape[2]
     bare_s = t_tile * layout.n_blocks
     t0 = time.perf_counter()
@@ -193,7 +168,7 @@ def stage2(lr: Path, work: Path, model: Path, rcfg: Any, device: Any, compile_: 
     sync = _sync(device)
     bare()
     sync()
-    t_bare = _best(bare, reps, sync)
+    t_bare = min(repeat_timed(bare, reps, sync))
     row = {"part": "stage II", "preset": rcfg.preset, "recipe": rcfg.recipe, "sampler": f"{proc.sampler} x{nfe}",
            "variant": "compiled" if compile_ else "eager", "lr_shape": list(shape), "block": list(block),
            "halo": list(halo), "tiles": layout.n_blocks, "slice_batch": slice_batch,

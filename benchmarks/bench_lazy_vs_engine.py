@@ -24,57 +24,13 @@ import math
 import os
 import shutil
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import RssSampler, machine_info, print_table, save, synthetic_volume  # noqa: E402
-
-
-def random_dgean(directory: Path, factor: int, preset: str) -> Path:
-    """A DGEAN checkpoint with random weights, written as the trainer writes one."""
-    import torch
-
-    from d2r_dask.models.checkpoint import save_checkpoint
-    from d2r_dask.models.dgean import DGEAN, dgean_config
-
-    torch.manual_seed(0)
-    cfg = dgean_config(preset, factor, "decimate")
-    net = DGEAN(cfg)
-    config = {"kind": "dgean", "model": cfg.to_dict(), "preset": preset, "factor": factor, "mode": "decimate",
-              "intensity": {"low": 0.0, "high": 255.0}, "step": 0}
-    return save_checkpoint(directory, weights=net.state_dict(), config=config)
-
-
-class LocalRss:
-    """Peak RSS of this process, sampled from a thread (the local mode's 'worker')."""
-
-    def __init__(self, interval: float = 0.25) -> None:
-        import psutil
-
-        self.proc, self.interval, self.samples = psutil.Process(), interval, [psutil.Process().memory_info().rss]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append(self.proc.memory_info().rss)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> LocalRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def summary(self) -> dict[str, float]:
-        return {"worker_start_mib": self.samples[0] / 2**20, "worker_peak_mib": max(self.samples) / 2**20,
-                "samples": len(self.samples)}
+from _bench import LocalRss, RssSampler, cluster_options, local_cluster, machine_info, params  # noqa: E402
+from _bench import print_table, random_dgean, save, synthetic_volume  # noqa: E402
 
 
 def compare(jobs: dict[str, Callable[[], Any]], sampler: Callable[[], Any], before: Callable[[str], None],
@@ -106,15 +62,12 @@ def main() -> None:
     ap.add_argument("--block", type=int, nargs=3, default=(16, 64, 64))
     ap.add_argument("--factor", type=int, default=4)
     ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--memory-limit", default="2GiB")
+    cluster_options(ap, memory_limit="2GiB", workdir="d2r-bench-lazy")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--local", action="store_true", help="also compare in this process (engine serial, lazy threads)")
-    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "d2r-bench-lazy")
     args = ap.parse_args()
 
     import numpy as np
-    from distributed import Client, LocalCluster
 
     import d2r_dask as d2r
     from d2r_dask.blockwise.runtime import worker_stats
@@ -135,8 +88,7 @@ def main() -> None:
         return lambda: shutil.rmtree(out[name], ignore_errors=True)
 
     rows: list[dict[str, Any]] = []
-    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      memory_limit=args.memory_limit) as cluster, Client(cluster) as client:
+    with local_cluster(args) as client:
         def fresh(name: str) -> None:  # fresh workers with torch imported: the same start for both paths
             clean(name)()
             client.restart()
@@ -184,7 +136,7 @@ def main() -> None:
     save("bench_lazy_vs_engine", {
         "machine": {**info, "load_average_at_end": load_end},
         "command": "python benchmarks/bench_lazy_vs_engine.py " + " ".join(sys.argv[1:]),
-        "params": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "params": params(args),
         "blocks": blocks, "rows": rows,
         "notes": "throughput_vs_engine = engine seconds / lazy seconds (> 1: the lazy path is faster); "
                  "model_s = seconds inside the model, summed over workers (wall x workers when they are "

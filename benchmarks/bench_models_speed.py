@@ -27,20 +27,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import machine_info  # noqa: E402
+from _bench import machine_info, repeat_timed  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WORK = Path("/tmp/d2r_bench_quality")
-
-
-def _bench(fn: Callable[[], Any], reps: int, sync: Callable[[], None]) -> list[float]:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def restorer_speed(presets: list[str], size: int, batch: int, reps: dict[str, int], device: Any,
@@ -92,7 +82,7 @@ def restorer_speed(presets: list[str], size: int, batch: int, reps: dict[str, in
                     fn(), fn()
                 else:
                     net(x[:1, :, :64, :64], t[:1])
-            times = _bench(fn, reps.get(preset, 1), sync)
+            times = repeat_timed(fn, reps.get(preset, 1), sync)
             best = min(times)
             row = {"part": "restorer", "preset": preset, "variant": name, "parameters": n_par,
                    "input": [nb, 2, size, size], "reps": len(times), "seconds_best": round(best, 4),
@@ -127,7 +117,7 @@ def dgean_speed(presets: list[str], factors: list[int], block: list[int], reps: 
             with torch.no_grad():
                 net(x[..., :8, :16, :16])
             with torch.no_grad():
-                times = _bench(lambda: net(x), reps.get(preset, 1), sync)
+                times = repeat_timed(lambda: net(x), reps.get(preset, 1), sync)
             best = min(times)
             hr = block[0] * s * block[1] * block[2]
             row = {"part": "dgean bare", "preset": preset, "factor": s, "variant": "eager fp32",
@@ -165,7 +155,7 @@ def pipeline_speed(lr_path: Path, model: Path, block: list[int], reps: int, devi
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.no_grad():
         proc.net(xt[..., :8, :16, :16])
-        t_tile = min(_bench(lambda: proc.net(xt), 2, sync))
+        t_tile = min(repeat_timed(lambda: proc.net(xt), 2, sync))
     bare_total = t_tile * n_blocks
     tmp = Path(tempfile.mkdtemp(prefix="d2r_speed_"))
     times = []

@@ -25,6 +25,13 @@ TINY_TRAIN: dict[str, Any] = {"steps": 4, "batch_size": 2, "checkpoint_every": 2
                               "val_patches": 2, "amp": False, "device": "cpu"}
 
 
+# the LR geometry of the Stage II/IV tests: anisotropic voxels and an origin off zero, so a
+# misplaced output shows; S, the SR factor along z
+VOXEL = (40.0, 5.0, 5.0)
+ORIGIN = (100.0, 20.0, -10.0)
+S = 4
+
+
 def tiny_train(**overrides: Any) -> Any:
     from d2r_dask.stages.train import TrainConfig
 

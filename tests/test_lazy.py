@@ -16,13 +16,8 @@ from typing import Any
 import dask
 import numpy as np
 import pytest
-from d2r_testkit import (
-    dgean_checkpoint,
-    one_torch_thread,  # noqa: F401  (autouse)
-    restorer_checkpoint,
-    synth_array,
-    write,
-)
+from d2r_testkit import ORIGIN, S, VOXEL, dgean_checkpoint, restorer_checkpoint, synth_array, write
+from d2r_testkit import one_torch_thread  # noqa: F401  (autouse)
 
 import d2r_dask as d2r
 from d2r_dask.blockwise.runtime import RUNTIME, worker_stats
@@ -33,9 +28,6 @@ from d2r_dask.io.volume import d2r_metadata, open_volume
 from d2r_dask.stages.infer import infer
 from d2r_dask.stages.restore import restore
 
-VOXEL = (40.0, 5.0, 5.0)
-ORIGIN = (100.0, 20.0, -10.0)
-S = 4
 ENGINE = {"serial": True, "progress": False, "levels": 1}
 
 

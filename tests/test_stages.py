@@ -13,13 +13,8 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 from conftest import assert_cli_ok
-from d2r_testkit import (
-    dgean_checkpoint,
-    one_torch_thread,  # noqa: F401  (autouse)
-    restorer_checkpoint,
-    synth_array,
-    write,
-)
+from d2r_testkit import ORIGIN, S, VOXEL, dgean_checkpoint, restorer_checkpoint, synth_array, write
+from d2r_testkit import one_torch_thread  # noqa: F401  (autouse)
 
 from d2r_dask.blockwise.stitching import apply_whole
 from d2r_dask.io.geometry import Box, sr_geometry
@@ -28,10 +23,6 @@ from d2r_dask.models.dgean import receptive_field
 from d2r_dask.stages.restore import restore
 from d2r_dask.models.checkpoint import load_dgean
 from d2r_dask.io.volume import open_volume
-
-VOXEL = (40.0, 5.0, 5.0)
-ORIGIN = (100.0, 20.0, -10.0)
-S = 4
 
 
 def expected_geometry(mode: str, start: tuple[int, int, int] = (0, 0, 0)) -> tuple[tuple, tuple]:
