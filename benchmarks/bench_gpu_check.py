@@ -113,12 +113,15 @@ def stage4(lr: Path, work: Path, preset: str, device: Any, compile_: bool, reps:
 
 def restorer_checkpoint(lr: Path, work: Path, device: Any, smoke: bool) -> tuple[Path, Any]:
     """The restorer `d2r run` trains on this device (auto presets), trained for one step."""
+    from dataclasses import replace
+
+    from d2r_dask.io.volume import open_volume
     from d2r_dask.stages.config import RunConfig, resolve_auto
-    from d2r_dask.stages.pipeline import _restorer_config
+    from d2r_dask.stages.pipeline import _restorer_config, fit_sizes
     from d2r_dask.stages.train import TrainConfig, train_restorer
 
     cfg = resolve_auto(RunConfig(factor=4), device.type)
-    rcfg = _restorer_config(cfg)
+    rcfg = replace(_restorer_config(cfg), patch=fit_sizes(open_volume(lr).shape, cfg).restorer_patch)  # as d2r run
     out = work / "restorer"
     train_restorer(lr, out, rcfg, TrainConfig(steps=1, batch_size=1, checkpoint_every=1, val_every=1, val_patches=1,
                                               device=str(device), amp=device.type == "cuda"), progress=False)
