@@ -312,16 +312,12 @@ def _check_blockwise(kind: str, lr_volume: Path, output: Path, model: Path, roi:
     """Stage II/IV arguments checked before a cluster starts: the input opens, the model is of
     ``kind``, the output is none of the inputs, and the blocks obey the engine's rules."""
     from .blockwise.layout import Layout
-    from .errors import InputError
-    from .io.geometry import Box
+    from .io.geometry import region_of
     from .io.volume import check_output_path, open_volume
     from .models.checkpoint import read_dgean_config, read_restorer_config
 
     lr = open_volume(lr_volume)
-    region = _roi(roi) or Box((0, 0, 0), tuple(lr.shape))
-    if any(a < 0 or b > n or b <= a for a, b, n in zip(region.start, region.stop, lr.shape)):
-        raise InputError(f"--roi {region.start}..{region.stop} is empty or outside the volume {tuple(lr.shape)}; "
-                         "give Z0 Y0 X0 Z1 Y1 X1 inside it")
+    region = region_of(roi, lr.shape, "--roi")
     if kind == "restorer":
         from .stages.restore import fitted_halo
 

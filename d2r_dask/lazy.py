@@ -43,7 +43,7 @@ from .blockwise.overlap import MAX_BLOCKS, lazy_blockwise
 from .blockwise.processors import ModelSpec
 from .blockwise.runtime import configure_workers
 from .errors import InputError
-from .io.geometry import Box, Geometry, sr_geometry
+from .io.geometry import Box, Geometry, region_of, sr_geometry
 from .io.volume import AXES, as_dataarray, check_dtype, default_chunks
 from .io.volume import write_volume as _write_stored
 
@@ -101,7 +101,7 @@ def super_resolve(
     job = dgean_job(spec.path, tta=bool(tta or spec.options.get("tta", False)),  # type: ignore[arg-type]
                     compile=bool(spec.options.get("compile", False)))
     vol = _as_volume(lr, voxel_size, translation)
-    layout = Layout(roi=_roi(roi, vol.shape), block=tuple(block or DEFAULT_BLOCK), halo=job["halo"],  # type: ignore[arg-type]
+    layout = Layout(roi=region_of(roi, vol.shape), block=tuple(block or DEFAULT_BLOCK), halo=job["halo"],  # type: ignore[arg-type]
                     scale=job["scale"], stitch="crop", group=group)
     command = f"`d2r infer LR.zarr SR.zarr --model {spec.path}`"
     return _lazy(vol, job, layout, command, client, max_blocks)
@@ -144,7 +144,7 @@ def restore_slices(
         seed=int(seed if seed is not None else opts.get("seed", 0)),
         slice_batch=int(slice_batch if slice_batch is not None else opts.get("slice_batch", 64)),
         compile=bool(opts.get("compile", False)), orientation=orientation)
-    layout = Layout(roi=_roi(roi, vol.shape), block=tuple(block or DEFAULT_BLOCK), halo=job["halo"],  # type: ignore[arg-type]
+    layout = Layout(roi=region_of(roi, vol.shape), block=tuple(block or DEFAULT_BLOCK), halo=job["halo"],  # type: ignore[arg-type]
                     scale=job["scale"], stitch="blend")
     command = f"`d2r restore LR.zarr PSEUDO_HR.zarr --model {spec.path}`"
     return _lazy(vol, job, layout, command, client, max_blocks)
@@ -253,19 +253,6 @@ def _spacing(lr: xr.DataArray) -> tuple[float, ...] | None:
     if any(ax not in lr.coords or lr.sizes[ax] < 2 for ax in AXES):
         return None
     return tuple(float(lr[ax].values[1] - lr[ax].values[0]) for ax in AXES)
-
-
-def _roi(roi: Box | Sequence[int] | None, shape: Sequence[int]) -> Box:
-    if roi is None:
-        return Box((0, 0, 0), tuple(int(n) for n in shape))
-    if not isinstance(roi, Box):
-        r = tuple(int(v) for v in roi)
-        if len(r) != 6:
-            raise InputError(f"roi needs six numbers z0 y0 x0 z1 y1 x1 (or a Box), got {r}")
-        roi = Box(r[:3], r[3:])
-    if any(a < 0 or b > n or b <= a for a, b, n in zip(roi.start, roi.stop, shape)):
-        raise InputError(f"roi {roi.start}..{roi.stop} is empty or outside the volume {tuple(shape)}")
-    return roi
 
 
 _CONFIGURED: set[str] = set()

@@ -193,3 +193,17 @@ def test_grid_shape_refuses_bad_block() -> None:
         grid_shape((4, 4, 4), (2, 0, 2))
     with pytest.raises(InputError):
         grid_shape((4, 4, 4), (2, 2))
+
+
+def test_region_of_checks_a_user_roi_against_the_volume() -> None:
+    from d2r_dask.io.geometry import region_of
+
+    assert region_of(None, (4, 5, 6)) == Box((0, 0, 0), (4, 5, 6))
+    assert region_of((1, 0, 2, 3, 5, 6), (4, 5, 6)) == Box((1, 0, 2), (3, 5, 6))
+    box = Box((0, 1, 1), (2, 2, 2))
+    assert region_of(box, (4, 5, 6)) is box
+    with pytest.raises(InputError, match="restore.roi needs six numbers"):
+        region_of((1, 2, 3), (4, 5, 6), "restore.roi")
+    for bad in ((0, 0, 0, 5, 5, 6), (2, 0, 0, 2, 5, 6), (3, 0, 0, 1, 5, 6), (-1, 0, 0, 2, 5, 6)):
+        with pytest.raises(InputError, match=r"--roi .* is empty or outside the volume \(4, 5, 6\)"):
+            region_of(bad, (4, 5, 6), "--roi")

@@ -156,6 +156,24 @@ class Box:
         )
 
 
+def region_of(roi: Box | Sequence[int] | None, shape: Sequence[int], name: str = "roi") -> Box:
+    """``roi`` (a :class:`Box`, six numbers ``z0 y0 x0 z1 y1 x1``, or None: the whole volume),
+    checked to be a non-empty box inside a volume of ``shape``; ``name`` is how the user gave it."""
+    shape = tuple(int(n) for n in shape)
+    if roi is None:
+        return Box((0,) * len(shape), shape)
+    start, stop = (roi.start, roi.stop) if isinstance(roi, Box) else (None, None)
+    if start is None:
+        r = tuple(int(v) for v in roi)  # type: ignore[union-attr]
+        if len(r) != 6:
+            raise InputError(f"{name} needs six numbers z0 y0 x0 z1 y1 x1, got {r}")
+        start, stop = r[:3], r[3:]
+    if any(a < 0 or b > n or b <= a for a, b, n in zip(start, stop, shape)):
+        raise InputError(f"{name} {tuple(start)}..{tuple(stop)} is empty or outside the volume {shape}; "
+                         "give Z0 Y0 X0 Z1 Y1 X1 inside it")
+    return roi if isinstance(roi, Box) else Box(tuple(start), tuple(stop))
+
+
 def grid_shape(shape: Sequence[int], block: Sequence[int]) -> tuple[int, ...]:
     """Number of blocks per axis that cover ``shape`` (the last ones may be partial)."""
     if len(shape) != len(block) or any(b < 1 for b in block):

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 from .. import __version__
 from ..blockwise.lock import exclusive
 from ..errors import InputError, OutputExistsError, ResumeMismatchError
-from ..io.geometry import Box, grid_shape
+from ..io.geometry import Box, grid_shape, region_of
 from ..io.volume import check_output_path, check_removable, is_complete, open_volume, prepare_output
 from .config import RunConfig, resolve_auto, upgrade_config
 
@@ -71,13 +71,7 @@ def default_workdir(output: str | os.PathLike) -> Path:
 def stage2_roi(shape: Sequence[int], cfg: RunConfig) -> Box:
     """The LR region Stage II restores: ``restore.roi`` or a centred box of at most ``max_roi``."""
     if cfg.restore.roi is not None:
-        r = tuple(cfg.restore.roi)
-        if len(r) != 6:
-            raise InputError(f"restore.roi needs six numbers z0 y0 x0 z1 y1 x1, got {r}")
-        box = Box(r[:3], r[3:])
-        if any(a < 0 or b > n or b <= a for a, b, n in zip(box.start, box.stop, shape)):
-            raise InputError(f"restore.roi {r} is empty or outside the LR volume {tuple(shape)}")
-        return box
+        return region_of(cfg.restore.roi, shape, "restore.roi")
     size = [min(n, m) for n, m in zip(shape, cfg.restore.max_roi)]
     start = tuple((n - s) // 2 for n, s in zip(shape, size))
     return Box(start, tuple(a + s for a, s in zip(start, size)))
