@@ -111,7 +111,7 @@ def axial_pair(block: np.ndarray, factor: int, mode: str, rng: np.random.Generat
     """
     if block.shape[0] % factor or block.shape[0] < 2 * factor:
         raise InputError(f"block depth {block.shape[0]} must be a multiple of the factor {factor}, "
-                         "with one LR slice to spare")
+                         "with one LR period to spare")
     depth = block.shape[0] - factor
     start = 0
     if rng.integers(2):
