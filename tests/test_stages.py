@@ -233,6 +233,17 @@ def test_stage2_restores_each_slice_once_and_fuses_like_the_3d_blend(tmp_path: P
     np.testing.assert_allclose(out, ref, atol=2e-5)
 
 
+def test_stage2_restorer_runs_only_in_slices_mode(stage2: dict[str, Any], tmp_path: Path) -> None:
+    from d2r_dask.blockwise.processors import ModelSpec
+    from d2r_dask.blockwise.scheduler import run_blockwise
+    from d2r_dask.errors import InputError
+
+    with pytest.raises(InputError, match="makes its output from slices; run it with stitch='slices'"):
+        run_blockwise(stage2["a"], tmp_path / "blend.zarr", ModelSpec("restorer", str(stage2["model"])),
+                      block=(4, 16, 16), halo=(1, 4, 4), scale=(S, 1, 1), stitch="blend", serial=True, progress=False)
+    assert not (tmp_path / "blend.zarr").exists()  # refused before anything was created
+
+
 def test_stage2_tiles_have_a_halo_only_between_tiles() -> None:
     one = stage2_layout((16, 96, 96), factor=S)  # the default block holds it: one tile, no halo
     assert one.block == (16, 96, 96) and one.halo == (0, 0, 0) and one.stitch == "slices"
