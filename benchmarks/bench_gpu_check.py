@@ -10,8 +10,8 @@ part at a tiny size on the CPU so the script is known to work where no GPU is.
   Targets (issue 12): pipeline >= 0.8 of bare; base >= 0.6 G HR voxels/s on an H200-class GPU.
 * **Stage II**, the restorer of `d2r run`'s GPU defaults (``auto``: the full preset, the
   default sampler), trained one step so its checkpoint is exactly what Stage I writes:
-  pixel-evaluations/s of ``restore(serial=True)`` on a region, and of the bare network on
-  batches of slices of the same size.
+  pixel-evaluations/s of ``restore(serial=True)`` on a region (the pixels it computes:
+  ``stage2_work``), and of the bare network on batches of slices of the same size.
 
 Each is timed eager and with ``torch.compile`` (first call, which compiles, excluded).
 
@@ -133,19 +133,17 @@ def stage2(lr: Path, work: Path, model: Path, rcfg: Any, device: Any, compile_: 
     """Pixel-evaluations/s of ``restore(serial=True)`` and of the bare network on such slices."""
     import torch
 
-    from d2r_dask.blockwise.layout import Layout
-    from d2r_dask.io.geometry import Box
     from d2r_dask.io.volume import open_volume
-    from d2r_dask.stages.restore import RestorerProcessor, restore
+    from d2r_dask.stages.restore import RestorerProcessor, restore, stage2_layout, stage2_work
 
     shape = tuple(open_volume(lr).shape)
     proc = RestorerProcessor(str(model), str(device), slice_batch=slice_batch, compile=compile_)
     nfe = proc.sde.n_evaluations(proc.sampler, proc.steps)
     s = proc.factor
-    layout = Layout(roi=Box((0, 0, 0), shape), block=block, halo=halo, scale=(s, 1, 1), stitch="blend")
-    tile = [b + 2 * h for b, h in zip(block, halo)]
-    per_tile = 2 * tile[0] * s * tile[1] * tile[2] * nfe  # an XZ slice per y, a YZ slice per x, nfe passes
-    evaluations = per_tile * layout.n_blocks
+    layout = stage2_layout(shape, block=block, halo=halo, factor=s)  # the tiles restore() runs
+    planned = stage2_work(layout, nfe=nfe)  # each slice once per tile of its plane, nfe passes
+    evaluations = planned["pixel_evaluations"]
+    tile = [b + 2 * h for b, h in zip(layout.block, layout.halo)]
     kw: dict[str, Any] = dict(block=block, halo=halo, slice_batch=slice_batch, compile=compile_, serial=True,
                               overwrite=True, progress=False, levels=1)
     t0 = time.perf_counter()
@@ -173,9 +171,10 @@ def stage2(lr: Path, work: Path, model: Path, rcfg: Any, device: Any, compile_: 
     sync()
     t_bare = min(repeat_timed(bare, reps, sync))
     row = {"part": "stage II", "preset": rcfg.preset, "recipe": rcfg.recipe, "sampler": f"{proc.sampler} x{nfe}",
-           "variant": "compiled" if compile_ else "eager", "lr_shape": list(shape), "block": list(block),
-           "halo": list(halo), "tiles": layout.n_blocks, "slice_batch": slice_batch,
+           "variant": "compiled" if compile_ else "eager", "lr_shape": list(shape), "block": list(layout.block),
+           "halo": list(layout.halo), "tiles": layout.n_blocks, "slice_batch": slice_batch,
            "pipeline_warmup_s": round(warm, 2), "pixel_evaluations": evaluations,
+           "useful_pixel_evaluations": planned["useful_pixel_evaluations"],
            "pipeline_pixel_evaluations_per_s": round(evaluations / pipe_s),
            "bare_pixel_evaluations_per_s": round(slice_batch * tile[0] * s * length / t_bare),
            "pipeline_s_all": [round(v, 3) for v in times]}
@@ -209,7 +208,7 @@ def main() -> None:
         device = torch.device("cuda")
         torch.backends.cudnn.benchmark = True
         presets, lr4_shape, lr2_shape, reps = ["base", "full"], (96, 768, 768), (32, 256, 256), 2
-        block2, halo2, slice_batch = (32, 128, 128), (4, 16, 16), 64
+        block2, halo2, slice_batch = (64, 128, 256), (4, 16, 16), 64  # d2r run's tiles: two, cut along y
     name = "cpu-smoke" if args.cpu_smoke else torch.cuda.get_device_name().split()[-1].lower().replace("-", "")
     out = args.out or HERE / "results" / f"gpu_check_{name}.json"
     shutil.rmtree(args.work, ignore_errors=True)

@@ -327,11 +327,10 @@ def _check_blockwise(kind: str, lr_volume: Path, output: Path, model: Path, roi:
     lr = open_volume(lr_volume)
     region = region_of(roi, lr.shape, "--roi")
     if kind == "restorer":
-        from .stages.restore import fitted_halo
+        from .stages.restore import stage2_layout
 
         config = read_restorer_config(model)[-1]
-        Layout(roi=region, block=block, halo=fitted_halo(halo or (0, 0, 0), lr.shape), scale=(config["factor"], 1, 1),
-               stitch="blend")
+        stage2_layout(lr.shape, region, block=block, halo=halo or (0, 0, 0), factor=config["factor"])
     else:
         from .models.dgean import receptive_field
 
@@ -355,9 +354,11 @@ roi_option = click.option("--roi", nargs=6, type=int, default=None, metavar="Z0 
 @click.argument("output", type=click.Path(path_type=Path), metavar="PSEUDO_HR")
 @click.option("--model", type=click.Path(path_type=Path), required=True, help="Stage I checkpoint folder.")
 @roi_option
-@click.option("--block", nargs=3, type=int, default=(16, 64, 64), metavar="Z Y X", help="LR tile shape.")
+@click.option("--block", nargs=3, type=int, default=(128, 256, 256), metavar="Z Y X",
+              help="LR tile shape (cut to the region; each slice is restored once per tile of its plane).")
 @click.option("--halo", nargs=3, type=int, default=(4, 16, 16), metavar="Z Y X",
-              help="LR voxels each tile reads beyond its block; tiles are blended over twice this.")
+              help="LR voxels each tile reads beyond its block; tiles are blended over twice this "
+                   "(none along an axis the region fits in one block).")
 @click.option("--overlap", nargs=3, type=int, default=None, hidden=True, help="Deprecated name of --halo.")
 @click.option("--sampler", type=click.Choice(["sde", "ddim", "posterior"]), default=None,
               help="Override the model's sampler.")

@@ -127,9 +127,10 @@ def restore_slices(
     """Stage II, lazily: XZ and/or YZ slices restored and fused into the pseudo-HR volume.
 
     ``orientation`` is ``"both"`` (averaged, as ``d2r restore``), ``"xz"`` or ``"yz"``.
-    Tiles of ``block`` LR voxels grown by ``halo`` are cross-faded with the engine's blend
-    weights, and the sampler's noise is keyed by global voxel coordinates and ``seed``, so the
-    result equals ``d2r restore`` with the same options whatever the input's chunking. Options
+    Tiles of ``block`` LR voxels grown by ``halo`` restore the slices they own and are
+    cross-faded as the engine's ``slices`` mode does, and the sampler's noise is keyed by
+    global voxel coordinates and ``seed``, so the result equals ``d2r restore`` with the same
+    options whatever the input's chunking. Options
     left out come from :func:`load_model`'s handle, then from ``d2r restore``'s defaults.
     """
     from .stages.restore import DEFAULT_BLOCK, DEFAULT_HALO, restorer_job
@@ -138,14 +139,14 @@ def restore_slices(
     opts = dict(spec.options)
     vol = _as_volume(lr, voxel_size, translation)
     job = restorer_job(
-        spec.path, vol.shape, halo=tuple(halo or DEFAULT_HALO),  # type: ignore[arg-type]
+        spec.path, vol.shape, roi=region_of(roi, vol.shape), block=tuple(block or DEFAULT_BLOCK),  # type: ignore[arg-type]
+        halo=tuple(halo or DEFAULT_HALO),  # type: ignore[arg-type]
         sampler=sampler if sampler is not None else opts.get("sampler"),
         steps=steps if steps is not None else opts.get("steps"),
         seed=int(seed if seed is not None else opts.get("seed", 0)),
         slice_batch=int(slice_batch if slice_batch is not None else opts.get("slice_batch", 64)),
         compile=bool(opts.get("compile", False)), orientation=orientation)
-    layout = Layout(roi=region_of(roi, vol.shape), block=tuple(block or DEFAULT_BLOCK), halo=job["halo"],  # type: ignore[arg-type]
-                    scale=job["scale"], stitch="blend")
+    layout = job["layout"]
     command = f"`d2r restore LR.zarr PSEUDO_HR.zarr --model {spec.path}`"
     return _lazy(vol, job, layout, command, client, max_blocks)
 
@@ -270,7 +271,7 @@ def _lazy(vol: xr.DataArray, job: Mapping[str, Any], layout: Layout, command: st
     sr = as_dataarray(out, sr_geometry(vol, job["factor"], job["mode"], layout.roi))
     sr.attrs["d2r"] = dict(job["metadata"])
     sr.attrs["inputs"] = list(vol.attrs["inputs"])
-    sr.name = "pseudo_hr" if layout.stitch == "blend" else "sr"
+    sr.name = "pseudo_hr" if layout.stitch == "slices" else "sr"
     return sr
 
 

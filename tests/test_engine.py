@@ -98,12 +98,22 @@ def test_read_reflected_equals_padded_volume(rng: np.random.Generator) -> None:
         ((12, 12, 12), (4, 4, 4), (0, 2, 0), (1, 1, 1)),  # no overlap along two axes
     ],
 )
-def test_blend_weights_partition_of_unity(shape: tuple, block: tuple, halo: tuple, scale: tuple) -> None:
-    layout = Layout(roi=Box((0, 0, 0), shape), block=block, halo=halo, scale=scale, stitch="blend")
+@pytest.mark.parametrize("slice_axis", [None, 0, 1, 2])
+def test_blend_weights_partition_of_unity(shape: tuple, block: tuple, halo: tuple, scale: tuple,
+                                          slice_axis: int | None) -> None:
+    """Also for the parts of ``slices`` mode: 1 on the owned slices along their axis, blended along the others."""
+    layout = Layout(roi=Box((0, 0, 0), shape), block=block, halo=halo, scale=scale,
+                    stitch="blend" if slice_axis is None else "slices")
     hs = np.multiply(halo, scale)
     canvas = np.zeros(tuple(np.add(layout.out_shape, 2 * hs) + np.asarray(layout.out_block)), dtype=np.float64)
     for index, _ in layout.blocks():
-        w = blend_weights(layout, index)
+        w = blend_weights(layout, index, slice_axis)
+        if slice_axis is not None:  # only the slices the block owns, each with its full 2D blend weight
+            owned = layout.owned(index).scale(scale)
+            along = np.moveaxis(w, slice_axis, 0)
+            kept = np.zeros(w.shape[slice_axis], bool)
+            kept[owned.start[slice_axis]:owned.stop[slice_axis]] = True
+            assert not along[~kept].any()
         assert w.shape == tuple(np.add(layout.out_block, 2 * hs))
         assert w.min() >= 0 and w.max() <= 1
         start = np.multiply(index, layout.out_block)  # tile starts at start - halo, canvas offset + halo
@@ -129,6 +139,26 @@ def test_layout_validation() -> None:
         Layout(roi=roi, block=(8, 0, 8), halo=(2, 2, 2))
     with pytest.raises(InputError, match="group"):
         Layout(roi=roi, block=(8, 8, 8), halo=(2, 2, 2), group=0)
+
+
+def test_owned_boxes_tile_the_region() -> None:
+    roi = Box((1, 2, 3), (12, 15, 20))
+    layout = Layout(roi=roi, block=(4, 5, 6), halo=(1, 2, 0), stitch="slices")
+    seen = np.zeros(roi.shape, int)
+    for index, write in layout.blocks():
+        owned = layout.owned(index)
+        read = layout.read_box(index)
+        assert owned.start == (1, 2, 0) and all(b <= r for b, r in zip(owned.stop, read.shape))
+        seen[owned.shift(tuple(-a for a in read.start)).slices] += 1  # back to ROI-relative coordinates
+        assert owned.shift(tuple(-a for a in read.start)) == write  # scale 1: what it writes
+    assert (seen == 1).all()
+
+
+def test_slices_mode_needs_a_slice_model(tmp_path: Path, volume: tuple[Path, np.ndarray]) -> None:
+    path, _ = volume
+    with pytest.raises(InputError, match="does not make its output from slices"):
+        run_blockwise(path, tmp_path / "s.zarr", conv(), block=(6, 7, 9), halo=(2, 2, 2), stitch="slices",
+                      serial=True, progress=False)
 
 
 def test_layout_groups_cover_blocks_in_order() -> None:

@@ -71,3 +71,50 @@ def test_uniforms_are_uniform_and_keyed():
     assert u.dtype == np.float64 and 0 <= u.min() and u.max() < 1
     assert abs(u.mean() - 0.5) < 0.01 and abs(u.var() - 1 / 12) < 0.005
     np.testing.assert_array_equal(keyed_uniform(3, 0, np.arange(10, 20)[:, None], np.arange(300)[None, :]), u[10:20])
+
+
+# --- the torch twin (the sampler's noise made on the device) ---------------------------------
+
+
+def test_torch_keyed_noise_equals_numpy():
+    """Same 64-bit hashes (int64 arithmetic emulating uint64) and the same float32 normals, on
+    the CPU here; on a GPU the sampler runs this very code on the device."""
+    import torch
+
+    from d2r_dask.data.noise import keyed_uint64
+    from d2r_dask.models import noise as device_noise
+
+    z = np.arange(-7, 150, dtype=np.int64)
+    y = np.array([0, 1, 2**31, 2**62, -(2**63)], dtype=np.int64)  # extremes: sign bits in every shift
+    x = np.arange(2**40, 2**40 + 97, dtype=np.int64)
+    mesh = (z[:, None, None], y[None, :, None], x[None, None, :])
+    tmesh = tuple(torch.from_numpy(c) for c in mesh)
+    for seed, stream in ((0, 0), (2**64 - 1, 1025), (-3, 7)):
+        bits = device_noise.keyed_int64(seed, stream, *tmesh)
+        np.testing.assert_array_equal(bits.numpy(), keyed_uint64(seed, stream, *mesh).view(np.int64))
+        normals = device_noise.keyed_normal(seed, stream, *tmesh)
+        assert normals.dtype == torch.float32 and tuple(normals.shape) == (157, 5, 97)
+        # float64 log/cos may differ by an ulp between libraries: float32 rounding absorbs it
+        np.testing.assert_allclose(normals.numpy(), keyed_normal(seed, stream, *mesh), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(device_noise.keyed_normal(0, 0, torch.arange(4)).numpy(), PINNED, rtol=1e-6)
+    assert device_noise.keyed_normal(42, 7, torch.tensor(4), torch.tensor(0)).shape == ()  # scalars broadcast
+    with pytest.raises(ValueError, match="integers"):
+        device_noise.keyed_normal(0, 0, torch.linspace(0, 1, 4))
+
+
+def test_restorer_noise_is_the_same_on_either_path(tmp_path):
+    """The processor's device path (used off the CPU) draws the values of its NumPy path."""
+    import torch
+    from d2r_testkit import restorer_checkpoint
+
+    from d2r_dask.stages.restore import RestorerProcessor
+
+    proc = RestorerProcessor(str(restorer_checkpoint(tmp_path / "r")), "cpu", seed=9)
+    keys = (np.arange(8, 40)[None, :, None], np.arange(5, 9)[:, None, None], np.arange(-3, 20)[None, None, :])
+    shape = torch.Size((4, 1, 32, 23))
+    assert not proc.noise_on_device  # on a GPU it is True
+    on_cpu = proc._noise(1025, keys, shape)
+    proc.noise_on_device = True  # the GPU's path, run here on the CPU device
+    on_device = proc._noise(1025, keys, shape)
+    assert on_device.shape == shape and on_device.dtype == torch.float32
+    np.testing.assert_allclose(on_device.numpy(), on_cpu.numpy(), rtol=1e-6, atol=1e-7)

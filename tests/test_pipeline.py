@@ -93,14 +93,21 @@ def test_plan_counts_blocks_tiles_and_evaluations(tmp_path: Path) -> None:
     one, two, three, four = p["stages"]
     assert one["network_evaluations"] == 4 * 2 and one["patch"] == [32, 32]
     assert two["roi"] == [[0, 4, 4], [8, 36, 36]]  # centred, at most max_roi
-    assert two["tiles"] == 2 * 2 * 2
-    assert two["slices"] == 8 * (24 + 24)  # one XZ slice per y and one YZ slice per x of each 6x24x24 tile
-    assert two["network_evaluations"] == 8 * 48 * 2
+    assert two["tiles"] == 2 * 2 * 2 and two["block"] == [4, 16, 16] and two["halo"] == [1, 4, 4]
+    # each of the 32 XZ slices (one per y) once per tile of its plane (2 in z x 2 in x), over the
+    # 6 x 24 LR voxels of a tile; the YZ slices likewise: not once per 3D tile that overlaps them
+    assert two["slices"] == 2 * 32 * 4 and two["useful_slices"] == 64
+    assert two["network_evaluations"] == 256 * 2
+    assert two["pixel_evaluations"] == 256 * (6 * S) * 24 * 2
+    assert two["useful_pixel_evaluations"] == 64 * (8 * S) * 32 * 2
+    whole = plan(path, replace(cfg, restore=RestoreStage(max_roi=(8, 32, 32), block=(8, 32, 32))))["stages"][1]
+    assert whole["tiles"] == 1 and whole["halo"] == [0, 0, 0]  # one tile: nothing to blend, no halo
+    assert whole["pixel_evaluations"] == whole["useful_pixel_evaluations"]
     assert three["network_evaluations"] == 4 * 2
     assert four["blocks"] == 2 * 3 * 3 and four["halo"] == [12, 12, 12]
     assert four["network_evaluations"] == 18
     sde = plan(path, replace(cfg, restorer=replace(cfg.restorer, sampler="sde")))["stages"][1]
-    assert sde["network_evaluations"] == 8 * 48 * 2 and sde["sampler"] == "sde x2"  # the steps Stage II runs
+    assert sde["network_evaluations"] == 256 * 2 and sde["sampler"] == "sde x2"  # the steps Stage II runs
     tta = plan(path, replace(cfg, infer=InferStage(block=(4, 16, 16), tta=True)))["stages"][3]
     assert tta["network_evaluations"] == 8 * 18 and tta["gflop"] == pytest.approx(8 * four["gflop"])
 

@@ -20,7 +20,7 @@ from d2r_dask.blockwise.stitching import apply_whole
 from d2r_dask.io.geometry import Box, sr_geometry
 from d2r_dask.stages.infer import DGEANProcessor, infer
 from d2r_dask.models.dgean import receptive_field
-from d2r_dask.stages.restore import restore
+from d2r_dask.stages.restore import RestorerProcessor, restore, stage2_layout, stage2_work
 from d2r_dask.models.checkpoint import load_dgean
 from d2r_dask.io.volume import open_volume
 
@@ -182,6 +182,86 @@ def test_stage2_worker_count_independent(stage2: dict[str, Any]) -> None:
         out = restore(stage2["a"], stage2["base"] / "ph_cluster.zarr", stage2["model"], client=client,
                       **{**RESTORE, "serial": False})
     np.testing.assert_array_equal(open_volume(out).values, stage2["ref"])
+
+
+def test_stage2_restores_each_slice_once_and_fuses_like_the_3d_blend(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each XZ slice is restored once per tile of its XZ plane (YZ likewise), the pixels counted
+    are what :func:`stage2_work` plans, and the result is the former rule's: the mean of the XZ and
+    YZ restorations of every 3D tile (all its slices, halo included), blended in 3D."""
+    from d2r_dask.blockwise.layout import Layout, read_reflected
+    from d2r_dask.blockwise.stitching import blend_weights
+
+    data = (synth_array((6, 20, 20), seed=3) / 255.0).astype(np.float32)
+    lr = write(tmp_path / "lr.zarr", data, VOXEL, ORIGIN, chunks=(6, 20, 20))
+    model = restorer_checkpoint(tmp_path / "restorer", steps=2, seed=5, intensity=(0.0, 1.0))
+    block, halo = (3, 10, 10), (1, 3, 3)
+    restore_slices = RestorerProcessor.restore_slices
+    pixels: list[int] = []
+
+    def counted(self: RestorerProcessor, slices: np.ndarray, keys: Any, stream: int) -> np.ndarray:
+        pixels.append(slices.shape[0] * slices.shape[1] * self.factor * slices.shape[2])
+        return restore_slices(self, slices, keys, stream)
+
+    monkeypatch.setattr(RestorerProcessor, "restore_slices", counted)
+    out = open_volume(restore(lr, tmp_path / "ph.zarr", model, block=block, halo=halo, serial=True,
+                              progress=False, levels=1)).values
+    layout = stage2_layout(data.shape, block=block, halo=halo, factor=S)
+    assert layout.grid == (2, 2, 2) and layout.halo == halo
+    work = stage2_work(layout)
+    assert sum(pixels) == work["pixel_evaluations"] and work["slices"] == 2 * 20 * 4
+    # the former tiling restored every slice of every 3D tile: 8 tiles x (16 + 16) slices of 5*S x 16,
+    # i.e. the 10 slices a tile owns across each plane and the 6 of its halo, which its neighbours own
+    assert work["pixel_evaluations"] == 8 * 32 * 5 * S * 16 * 10 // 16
+
+    proc = RestorerProcessor(str(model), "cpu")
+    blend = Layout(roi=layout.roi, block=block, halo=halo, scale=layout.scale, stitch="blend")
+    ref = np.zeros(blend.out_shape, np.float32)
+    for index, _ in blend.blocks():
+        box = blend.read_box(index)
+        tile = proc.intensity.to_unit(read_reflected(lambda sl: data[sl], data.shape, box))
+        zh = np.arange(box.start[0] * S, box.stop[0] * S)
+        ys, xs = np.arange(box.start[1], box.stop[1]), np.arange(box.start[2], box.stop[2])
+        xz = restore_slices(proc, tile.transpose(1, 0, 2), (zh[None, :, None], ys[:, None, None],
+                                                             xs[None, None, :]), 0).transpose(1, 0, 2)
+        yz = restore_slices(proc, tile.transpose(2, 0, 1), (zh[None, :, None], ys[None, None, :],
+                                                             xs[:, None, None]), 1).transpose(1, 2, 0)
+        weighted = proc.intensity.from_unit((xz + yz) / 2) * blend_weights(blend, index)
+        lo = tuple(a * sc for a, sc in zip(box.start, blend.scale))
+        dst = Box(lo, tuple(a + n for a, n in zip(lo, weighted.shape))).clip(blend.out_shape)
+        ref[dst.slices] += weighted[dst.shift(lo).slices]
+    np.testing.assert_allclose(out, ref, atol=2e-5)
+
+
+def test_stage2_restorer_runs_only_in_slices_mode(stage2: dict[str, Any], tmp_path: Path) -> None:
+    from d2r_dask.blockwise.processors import ModelSpec
+    from d2r_dask.blockwise.scheduler import run_blockwise
+    from d2r_dask.errors import InputError
+
+    with pytest.raises(InputError, match="makes its output from slices; run it with stitch='slices'"):
+        run_blockwise(stage2["a"], tmp_path / "blend.zarr", ModelSpec("restorer", str(stage2["model"])),
+                      block=(4, 16, 16), halo=(1, 4, 4), scale=(S, 1, 1), stitch="blend", serial=True, progress=False)
+    assert not (tmp_path / "blend.zarr").exists()  # refused before anything was created
+
+
+def test_stage2_tiles_have_a_halo_only_between_tiles() -> None:
+    one = stage2_layout((16, 96, 96), factor=S)  # the default block holds it: one tile, no halo
+    assert one.block == (16, 96, 96) and one.halo == (0, 0, 0) and one.stitch == "slices"
+    work = stage2_work(one, nfe=3)
+    assert work["pixel_evaluations"] == work["useful_pixel_evaluations"] == 3 * 2 * 96 * 16 * S * 96
+    roi = Box((0, 10, 0), (20, 70, 50))
+    cut = stage2_layout((40, 100, 60), roi, block=(32, 32, 64), halo=(4, 8, 8), factor=S)
+    assert cut.block == (20, 32, 50) and cut.halo == (0, 8, 0) and cut.grid == (1, 2, 1)
+    # the plan's closed form against the owned slices of every block
+    xz = yz = 0
+    for index, _ in cut.blocks():
+        owned, read = cut.owned(index), cut.read_box(index)
+        xz += (owned.stop[1] - owned.start[1]) * read.shape[0] * S * read.shape[2]
+        yz += (owned.stop[2] - owned.start[2]) * read.shape[0] * S * read.shape[1]
+    both = stage2_work(cut)
+    assert both["pixel_evaluations"] == xz + yz and stage2_work(cut, ("yz",))["pixel_evaluations"] == yz
+    assert xz == 60 * 20 * S * 50  # no halo across XZ planes: each XZ slice exactly once
+    assert both["useful_pixel_evaluations"] == 2 * 20 * S * 60 * 50
 
 
 def test_stage4_resumes_after_a_kill_while_writing_the_pyramid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -4,8 +4,9 @@ Read top-down:
 
 * :mod:`.layout` -- the pure geometry of a job: blocks, halos, read/write boxes,
   reflection at the volume's edges, groups of blocks per task.
-* :mod:`.stitching` -- ``crop`` (and its whole-volume reference) and ``blend``
-  (partition-of-unity weights).
+* :mod:`.stitching` -- ``crop`` (and its whole-volume reference), ``blend``
+  (partition-of-unity weights) and ``slices`` (``blend`` for models made of 2D slices,
+  each slice made once per tile of its plane).
 * :mod:`.processors` -- :class:`~.processors.ModelSpec` (what a worker loads) and the
   registry of block processors; small deterministic ones for tests and benchmarks.
 * :mod:`.jobstate` -- job identity (``job.json``), compact done-state, resume.

@@ -39,7 +39,7 @@ from ..io.files import atomic_write, write_json
 from ..io.geometry import Geometry
 from ..io.volume import create_scratch, create_volume, d2r_metadata, is_complete, metadata_digest, open_volume
 from ..io.volume import prepare_output as prepare_volume_path
-from .layout import Layout
+from .layout import BLENDED, Layout
 from .processors import ModelSpec
 
 ENGINE_VERSION = 1
@@ -139,7 +139,7 @@ def _only_job_state(out: Path) -> bool:
 def _create(job: Job, geometry: Geometry, metadata: Mapping[str, Any] | None) -> None:
     """Make the job's scratch tiles (blend) and its image; the image's attributes come last."""
     layout = job.layout
-    if layout.stitch == "blend":
+    if layout.stitch in BLENDED:
         tile = tuple(b + 2 * h * s for b, h, s in zip(layout.out_block, layout.halo, layout.scale))
         create_scratch(job.state_dir / "tiles", shape=tuple(g * t for g, t in zip(layout.grid, tile)), chunks=tile)
     (job.state_dir / "done").mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,9 @@ import numpy as np
 from ..errors import InputError
 from ..io.geometry import Box, Triple, grid_shape, iter_blocks
 
-STITCH_MODES = ("crop", "blend")
+STITCH_MODES = ("crop", "blend", "slices")
+BLENDED = ("blend", "slices")
+"""The stitch modes whose tiles overlap and are cross-faded (a scratch array of weighted tiles, then a merge)."""
 
 
 @dataclass(frozen=True)
@@ -50,12 +52,12 @@ class Layout:
         if min(self.block) < 1 or min(self.scale) < 1 or min(self.halo) < 0 or min(self.context) < 0:
             raise InputError(f"block {self.block} and scale {self.scale} must be >= 1, halo {self.halo} >= 0")
         if self.stitch not in STITCH_MODES:
-            raise InputError(f"unknown stitch mode {self.stitch!r}; use crop or blend")
+            raise InputError(f"unknown stitch mode {self.stitch!r}; use one of {', '.join(STITCH_MODES)}")
         if self.group < 1:
             raise InputError("blocks per task (group) must be >= 1")
         if min(self.roi.shape) < 1:
             raise InputError(f"region {self.roi} is empty")
-        if self.stitch == "blend":
+        if self.stitch in BLENDED:
             for ax, b, h, n in zip("zyx", self.block, self.halo, self.roi.shape):
                 if h and n > b and b < 2 * h:
                     raise InputError(
@@ -92,6 +94,14 @@ class Layout:
         start = tuple(i * b for i, b in zip(index, self.block))
         margin = tuple(h + c for h, c in zip(self.halo, self.context))
         return Box(start, tuple(a + b for a, b in zip(start, self.block))).grow(margin)
+
+    def owned(self, index: Sequence[int]) -> Box:
+        """The input voxels the block at ``index`` owns (its block, clipped to the ROI), in the
+        coordinates of its read box (``slices`` mode tells the processor which slices to make)."""
+        read = self.read_box(index)
+        start = tuple(i * b for i, b in zip(index, self.block))
+        stop = tuple(min(a + b, n) for a, b, n in zip(start, self.block, self.shape))
+        return Box(start, stop).shift(read.start)
 
     @property
     def n_groups(self) -> int:

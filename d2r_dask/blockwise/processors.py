@@ -65,7 +65,11 @@ class BlockProcessor(Protocol):
     """Maps ``(B, Z, Y, X)`` float32 blocks (with halo) to ``(B, Z*sz, Y*sy, X*sx)``.
 
     ``origins`` are the global input coordinates of each block's first voxel, so
-    stochastic processors can key their noise by position.
+    stochastic processors can key their noise by position. A processor for the ``slices``
+    stitch mode also declares ``slice_axes`` (one per part of its output), is called with a
+    third argument, the box each block owns (in its block's coordinates), and returns
+    ``(B, P, Z*sz, Y*sy, X*sx)``: part ``p`` made slice by slice along ``slice_axes[p]``, on
+    the owned slices.
     """
 
     halo: Triple

@@ -12,6 +12,13 @@
   Phase ``tiles`` writes each tile's weighted prediction to a scratch array, phase
   ``merge`` sums the (up to 27) tiles covering each output chunk. For models whose
   tiles disagree (stochastic samplers, position-dependent networks).
+* ``slices`` -- ``blend`` for a model whose output is the mean of *parts*, each made slice
+  by slice along one axis (Stage II: XZ slices along y, YZ slices along x). A slice does not
+  depend on the tile's extent across it, so a part is made only on the slices the block
+  owns (:meth:`~.layout.Layout.owned`) and is cross-faded along the other two axes only:
+  every slice is computed once per tile of its own plane, never again for the halo of a
+  neighbouring tile. Summed over the tiles, this is the ``blend`` of the mean of the parts
+  (the weights along the slice axis, 1 on the owned slices and 0 elsewhere, also sum to one).
 
 This is the one home of the stitching rules: the engine's phases (:mod:`.tasks`, Zarr
 in and out) and the lazy Dask graph (:mod:`.overlap`) both call :func:`crop_margins`,
@@ -54,12 +61,21 @@ def blend_weights_1d(n_out: int, start: int, full: int, halo: int, length: int) 
     return w.astype(np.float32)
 
 
-def blend_weights(layout: Layout, index: Sequence[int]) -> np.ndarray:
-    """The 3D partition-of-unity weight of the tile at ``index`` (output units)."""
+def blend_weights(layout: Layout, index: Sequence[int], slice_axis: int | None = None) -> np.ndarray:
+    """The 3D partition-of-unity weight of the tile at ``index`` (output units).
+
+    Along ``slice_axis`` (a ``slices`` part) the weight is 1 on the slices the block owns
+    and 0 on its halo, so each slice counts once.
+    """
     ws = []
-    for i, b, h, s, n in zip(index, layout.block, layout.halo, layout.scale, layout.shape):
+    for axis, (i, b, h, s, n) in enumerate(zip(index, layout.block, layout.halo, layout.scale, layout.shape)):
         full, halo = b * s, h * s
-        ws.append(blend_weights_1d(full + 2 * halo, i * full, full, halo, n * s))
+        if axis == slice_axis:
+            w = np.zeros(full + 2 * halo, dtype=np.float32)
+            w[halo:halo + full] = blend_weights_1d(full, i * full, full, 0, n * s)
+            ws.append(w)
+        else:
+            ws.append(blend_weights_1d(full + 2 * halo, i * full, full, halo, n * s))
     return ws[0][:, None, None] * ws[1][None, :, None] * ws[2][None, None, :]
 
 
@@ -69,11 +85,12 @@ def out_margin(layout: Layout, margin: Sequence[int]) -> Triple:
 
 
 def crop_margins(layout: Layout, out: np.ndarray, *, halo: bool = True) -> np.ndarray:
-    """A batch ``(B, Z, Y, X)`` of predictions on read boxes, cropped to the full-size
-    blocks (``crop``: halo and context) or to the tiles (``blend``: context only)."""
+    """Predictions on read boxes (``(..., Z, Y, X)``: a batch, and the parts of ``slices``),
+    cropped to the full-size blocks (``crop``: halo and context) or to the tiles (``blend``,
+    ``slices``: context only)."""
     margin = [c + (h if halo else 0) for h, c in zip(layout.halo, layout.context)]
     ms = out_margin(layout, margin)
-    return out[(slice(None),) + tuple(slice(m, n - m) for m, n in zip(ms, out.shape[1:]))]
+    return out[(Ellipsis,) + tuple(slice(m, n - m) for m, n in zip(ms, out.shape[-3:]))]
 
 
 def tile_shape(layout: Layout) -> Triple:
@@ -81,9 +98,21 @@ def tile_shape(layout: Layout) -> Triple:
     return tuple(b + 2 * h for b, h in zip(layout.out_block, out_margin(layout, layout.halo)))  # type: ignore[return-value]
 
 
-def weighted_tile(layout: Layout, index: Sequence[int], values: np.ndarray) -> np.ndarray:
-    """The tile at ``index`` (context cropped) times its blend weight: what the tiles phase stores."""
-    return values * blend_weights(layout, index)
+def weighted_tile(layout: Layout, index: Sequence[int], values: np.ndarray,
+                  slice_axes: Sequence[int] = ()) -> np.ndarray:
+    """The tile at ``index`` (context cropped) times its blend weight: what the tiles phase stores.
+
+    ``slices``: ``values`` are the ``(P, Z, Y, X)`` parts made along ``slice_axes``; the
+    tile is the mean of the parts, each with its own weight.
+    """
+    if layout.stitch != "slices":
+        return values * blend_weights(layout, index)
+    if values.ndim != 4 or len(values) != len(slice_axes):
+        raise ValueError(f"slices mode needs one part per slice axis {tuple(slice_axes)}, got shape {values.shape}")
+    acc = values[0] * blend_weights(layout, index, slice_axes[0])
+    for part, axis in zip(values[1:], slice_axes[1:]):
+        acc += part * blend_weights(layout, index, axis)
+    return acc / np.float32(len(slice_axes)) if len(slice_axes) > 1 else acc
 
 
 def merge_block(layout: Layout, index: Sequence[int],

@@ -7,6 +7,8 @@ group's done-marker is left. The phases of each stitch mode (:data:`STITCH_PHASE
 * ``crop``: ``write`` -- predict, crop the halos, write the owned output chunks.
 * ``blend``: ``tiles`` -- predict, write each weighted tile to the scratch array;
   then ``merge`` -- sum the tiles covering each output chunk and write it.
+* ``slices``: the same two phases; the processor also gets the box each block owns and
+  returns one part per slice axis (:mod:`.stitching`).
 
 Blocks are read straight from Zarr (a group's blocks along a row in one read, their
 outputs in one write), so every output chunk is written whole, once, by one task.
@@ -59,6 +61,12 @@ def check_processor(job: Job) -> tuple[Triple, Triple]:
     if tuple(proc.scale) != layout.scale:
         raise InputError(f"model {job.spec.kind!r} scales by {tuple(proc.scale)} but the job asks for "
                          f"{layout.scale}; pass scale={tuple(proc.scale)}")
+    axes = tuple(getattr(proc, "slice_axes", ()))
+    if layout.stitch == "slices" and (not axes or not set(axes) <= {0, 1, 2}):
+        raise InputError(f"model {job.spec.kind!r} does not make its output from slices (no slice_axes); "
+                         "run it with stitch='blend'")
+    if layout.stitch != "slices" and axes:
+        raise InputError(f"model {job.spec.kind!r} makes its output from slices; run it with stitch='slices'")
     if layout.stitch == "crop" and any(h < r for h, r in zip(layout.halo, proc.halo)):
         raise InputError(
             f"halo {layout.halo} is smaller than the receptive field {tuple(proc.halo)} of model "
@@ -78,20 +86,34 @@ def processor(spec: ModelSpec, token: str) -> BlockProcessor:
 
 
 def run_processor(spec: ModelSpec, token: str, batch: np.ndarray, origins: Sequence[Triple],
-                  scale: Sequence[int]) -> np.ndarray:
+                  scale: Sequence[int], owned: Sequence[Box] | None = None) -> np.ndarray:
     """The model's output for a batch of read boxes: the one place a processor is called.
 
     ``batch`` is ``(B, Z, Y, X)`` raw intensities (cast to float32 here; the processor
     maps them to its unit range); ``origins`` are the read boxes' global first voxels.
+    ``owned`` (``slices`` mode): the box each block owns, in its read box's coordinates;
+    the output then has one part per slice axis, ``(B, P, Z*sz, Y*sy, X*sx)``.
     """
     proc = processor(spec, token)
     batch = np.ascontiguousarray(batch, dtype=np.float32)
     with RUNTIME.timed("model"):
-        out = np.asarray(proc(batch, origins), dtype=np.float32)
+        out = np.asarray(proc(batch, origins) if owned is None else proc(batch, origins, owned), dtype=np.float32)
     expected = tuple(n * s for n, s in zip(batch.shape[1:], scale))
+    if owned is not None:
+        expected = (len(proc.slice_axes), *expected)  # type: ignore[attr-defined]
     if out.shape[1:] != expected or out.shape[0] != batch.shape[0]:
         raise InputError(f"model returned blocks of shape {out.shape[1:]}, expected {expected}")
     return out
+
+
+def slice_axes(spec: ModelSpec, token: str, layout: Layout) -> tuple[int, ...]:
+    """The axes of the processor's parts in ``slices`` mode (none otherwise)."""
+    return tuple(processor(spec, token).slice_axes) if layout.stitch == "slices" else ()  # type: ignore[attr-defined]
+
+
+def owned_boxes(layout: Layout, indices: Sequence[Triple]) -> list[Box] | None:
+    """What the processor is told each block owns: in ``slices`` mode only."""
+    return [layout.owned(i) for i in indices] if layout.stitch == "slices" else None
 
 
 def origins_of(layout: Layout, boxes: Sequence[Box]) -> list[Triple]:
@@ -105,7 +127,8 @@ def predict(job: Job, indices: Sequence[Triple]) -> np.ndarray:
     boxes = [layout.read_box(i) for i in indices]
     with RUNTIME.timed("read"):
         batch = read_boxes(job, boxes)
-    return run_processor(job.spec, job.model_token, batch, origins_of(layout, boxes), layout.scale)
+    return run_processor(job.spec, job.model_token, batch, origins_of(layout, boxes), layout.scale,
+                         owned_boxes(layout, indices))
 
 
 def write_blocks(job: Job, items: Sequence[tuple[Triple, np.ndarray]]) -> None:
@@ -141,18 +164,19 @@ def write_phase(job: Job, indices: Sequence[Triple]) -> None:
 
 
 def tiles_phase(job: Job, indices: Sequence[Triple]) -> None:
-    """``blend``, first phase: predict, crop the context, write each weighted tile to scratch."""
+    """``blend``/``slices``, first phase: predict, crop the context, write each weighted tile to scratch."""
     layout = job.layout
     out = crop_margins(layout, predict(job, indices), halo=False)
+    axes = slice_axes(job.spec, job.model_token, layout)
     tiles = RUNTIME.tiles(job)
     with RUNTIME.timed("write"):
         for index, values in zip(indices, out):
-            sl = tuple(slice(i * n, (i + 1) * n) for i, n in zip(index, values.shape))
-            tiles[sl] = weighted_tile(layout, index, values)
+            sl = tuple(slice(i * n, (i + 1) * n) for i, n in zip(index, values.shape[-3:]))
+            tiles[sl] = weighted_tile(layout, index, values, axes)
 
 
 def merge_phase(job: Job, indices: Sequence[Triple]) -> None:
-    """``blend``, second phase: sum the (up to 27) weighted tiles over each owned chunk, write it."""
+    """``blend``/``slices``, second phase: sum the (up to 27) weighted tiles over each owned chunk, write it."""
     layout = job.layout
     tiles = RUNTIME.tiles(job)
     shape = tile_shape(layout)
@@ -193,7 +217,8 @@ def predict_region(spec: ModelSpec, token: str, layout: Layout, region: np.ndarr
         group = indices[a:a + layout.group]
         boxes = [layout.read_box(i) for i in group]
         batch = np.stack([region[b.shift(start).slices] for b in boxes])
-        items.extend(zip(group, run_processor(spec, token, batch, origins_of(layout, boxes), layout.scale)))
+        items.extend(zip(group, run_processor(spec, token, batch, origins_of(layout, boxes), layout.scale,
+                                              owned_boxes(layout, group))))
     RUNTIME.blocks += len(indices)
     return items
 
@@ -214,15 +239,16 @@ def crop_region(spec: ModelSpec, token: str, layout: Layout, region: np.ndarray,
 
 
 def tile_region(spec: ModelSpec, token: str, layout: Layout, region: np.ndarray, first: Sequence[int]) -> np.ndarray:
-    """``blend`` tiles on a region: its blocks' weighted tiles side by side (float32), laid
-    out as in the engine's scratch array (tile ``i`` at ``i * tile_shape``)."""
+    """``blend``/``slices`` tiles on a region: its blocks' weighted tiles side by side (float32),
+    laid out as in the engine's scratch array (tile ``i`` at ``i * tile_shape``)."""
     items = predict_region(spec, token, layout, region, first)
     shape = tile_shape(layout)
+    axes = slice_axes(spec, token, layout)
     counts = [(n - 2 * (h + c)) // b for n, h, c, b in zip(region.shape, layout.halo, layout.context, layout.block)]
     out = np.empty(tuple(k * t for k, t in zip(counts, shape)), dtype=np.float32)
     for index, values in items:
-        out[_local(index, first, shape)] = weighted_tile(layout, index, crop_margins(layout, values[None],
-                                                                                     halo=False)[0])
+        out[_local(index, first, shape)] = weighted_tile(layout, index, crop_margins(layout, values, halo=False),
+                                                         axes)
     return out
 
 
@@ -250,7 +276,8 @@ PHASES: dict[str, Callable[[Job, Sequence[Triple]], None]] = {
 }
 """Phase name (it names the done-markers) -> what a task of that phase does."""
 
-STITCH_PHASES: dict[str, tuple[str, ...]] = {"crop": ("write",), "blend": ("tiles", "merge")}
+STITCH_PHASES: dict[str, tuple[str, ...]] = {"crop": ("write",), "blend": ("tiles", "merge"),
+                                             "slices": ("tiles", "merge")}
 """The phases of each stitch mode, in order."""
 
 

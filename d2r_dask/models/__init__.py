@@ -2,11 +2,14 @@
 
 * :mod:`.nafnet` + :mod:`.sde` -- the restorer: conditional NAFNet and the IR-SDE with its samplers.
 * :mod:`.dgean` -- DGEAN, its presets and its receptive field (the engine's halo in Stage IV).
+* :mod:`.noise` -- the keyed Gaussian noise of :mod:`d2r_dask.data.noise`, made with torch on the
+  device (the Stage II sampler's noise on a GPU; the same values).
 * :mod:`.losses` -- training losses.
 * :mod:`.config` -- strict parsing of stored model configs.
 * :mod:`.checkpoint` -- ``weights.safetensors`` + ``config.json``, and loading each family from them.
 
 Pure torch: nothing here imports dask, zarr, xarray or click. May import only
 :mod:`d2r_dask.io.geometry` (the LR <-> HR mapping), :mod:`d2r_dask.io.files` (atomic
-writes), :mod:`d2r_dask.data.intensity` and :mod:`d2r_dask.errors`.
+writes), :mod:`d2r_dask.data.intensity`, :mod:`d2r_dask.data.noise` (the hash the torch twin
+repeats) and :mod:`d2r_dask.errors`.
 """

@@ -2,7 +2,7 @@
 
 * :mod:`.train` -- Stage I (diffusion restorer on XY patches) and Stage III (DGEAN on
   the pseudo-HR): one training loop with EMA, validation, atomic checkpoints, resume.
-* :mod:`.restore` -- Stage II: the restorer as a ``blend`` block processor over XZ/YZ slices.
+* :mod:`.restore` -- Stage II: the restorer as a ``slices`` block processor (XZ/YZ slices, each once).
 * :mod:`.infer` -- Stage IV: DGEAN as a ``crop`` block processor (the Stage IV block function).
 * :mod:`.config` -- :class:`~.config.RunConfig`: every option of ``d2r run``, validated;
   ``auto`` presets resolved per device (:func:`~.config.resolve_auto`).

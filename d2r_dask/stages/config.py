@@ -40,14 +40,16 @@ class RestorerStage:
 class RestoreStage:
     """Stage II: pseudo-HR by restoring XZ/YZ slices (``roi``: LR voxels z0 y0 x0 z1 y1 x1).
 
-    ``halo``: LR voxels each tile reads beyond its block (tiles overlap by twice it);
-    ``slice_batch``: slices per forward pass. ``overlap`` and ``batch`` are their
-    deprecated names.
+    ``halo``: LR voxels each tile reads beyond its block (tiles overlap by twice it; none
+    along an axis the region fits in one block); ``slice_batch``: slices per forward pass.
+    ``overlap`` and ``batch`` are their deprecated names. The default ``block`` cuts the
+    default region in two along y only: two tasks (the two workers of a CPU's local cluster),
+    every XZ slice restored once, the YZ slices over 1.25x their length (1.125x in all).
     """
 
     roi: tuple[int, ...] | None = None
     max_roi: tuple[int, int, int] = (64, 256, 256)
-    block: tuple[int, int, int] = (32, 128, 128)
+    block: tuple[int, int, int] = (64, 128, 256)
     halo: tuple[int, int, int] = (4, 16, 16)
     slice_batch: int = 64
     overlap: InitVar[tuple[int, int, int] | None] = None

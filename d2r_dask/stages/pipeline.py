@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import platform
 import time
@@ -29,7 +28,7 @@ from typing import Any, Sequence
 from .. import __version__
 from ..blockwise.lock import exclusive
 from ..errors import InputError, OutputExistsError, ResumeMismatchError
-from ..io.geometry import Box, grid_shape, region_of
+from ..io.geometry import Box, region_of
 from ..io.volume import check_output_path, check_removable, is_complete, open_volume, prepare_output
 from .config import RunConfig, resolve_auto, upgrade_config
 
@@ -96,7 +95,7 @@ def fit_sizes(shape: Sequence[int], cfg: RunConfig) -> Sizes:
     from ..blockwise.layout import Layout
     from ..models.dgean import PRESETS as DGEAN_PRESETS, dgean_config, receptive_field
     from ..models.nafnet import PRESETS as NAFNET_PRESETS
-    from .restore import fitted_halo
+    from .restore import stage2_layout
 
     shape = tuple(int(n) for n in shape)
     for name, preset, known in (("restorer", cfg.restorer.preset, NAFNET_PRESETS),
@@ -127,8 +126,7 @@ def fit_sizes(shape: Sequence[int], cfg: RunConfig) -> Sizes:
         raise InputError(f"Stage III trains on XY patches of >= 8 x 8 voxels, but {where} is {roi.shape[1]} x "
                          f"{roi.shape[2]} in XY (dgean.patch_xy {d.patch_xy}); use a larger volume or region")
     # the engine's block rules (halo against block), here so that a dry run states them too
-    Layout(roi=roi, block=cfg.restore.block, halo=fitted_halo(cfg.restore.halo, shape), scale=(s, 1, 1),
-           stitch="blend")
+    stage2_layout(shape, roi, block=cfg.restore.block, halo=cfg.restore.halo, factor=s)
     if cfg.infer.block is not None:  # None: sized to the device later, always valid
         Layout(roi=Box((0, 0, 0), shape), block=cfg.infer.block, halo=receptive_field(net), scale=(s, 1, 1),
                group=cfg.infer.group)
@@ -167,6 +165,7 @@ def check_run(lr_path: str | os.PathLike, output: str | os.PathLike, cfg: RunCon
 def plan(lr_path: str | os.PathLike, cfg: RunConfig) -> dict[str, Any]:
     """What each stage will do: data, blocks, network evaluations (no computation)."""
     from ..models.dgean import dgean_config, flops_per_output_voxel, receptive_field
+    from .restore import stage2_layout, stage2_work
     from .sizing import device_info, infer_block
 
     lr = open_volume(lr_path)
@@ -175,11 +174,10 @@ def plan(lr_path: str | os.PathLike, cfg: RunConfig) -> dict[str, Any]:
     cfg = resolve_auto(cfg, cfg.device)
     sizes = fit_sizes(shape, cfg)
     roi = sizes.roi
-    tiles = math.prod(grid_shape(roi.shape, cfg.restore.block))
-    tile = [b + 2 * h for b, h in zip(cfg.restore.block, cfg.restore.halo)]
-    slices_per_tile = tile[1] + tile[2]
     sampler, nfe = _restorer_config(cfg).resolved_sampler()
     nfe = nfe or 100  # what Stage II runs, whichever the sampler (sde without steps runs all T)
+    tiles = stage2_layout(shape, roi, block=cfg.restore.block, halo=cfg.restore.halo, factor=s)
+    work = stage2_work(tiles, nfe=nfe)
     dcfg = dgean_config(cfg.dgean.preset, s, cfg.mode)
     halo = receptive_field(dcfg)
     sized = infer_block(shape, dcfg, device_info(cfg.device), block=cfg.infer.block, tta=cfg.infer.tta)
@@ -192,11 +190,11 @@ def plan(lr_path: str | os.PathLike, cfg: RunConfig) -> dict[str, Any]:
             {"stage": "I train restorer", "steps": cfg.restorer.steps, "batch": cfg.restorer.batch_size,
              "network_evaluations": cfg.restorer.steps * cfg.restorer.batch_size,
              "patch": [sizes.restorer_patch, sizes.restorer_patch], "preset": cfg.restorer.preset},
-            {"stage": "II restore XZ/YZ", "roi": [list(roi.start), list(roi.stop)], "tiles": tiles,
-             "slices": tiles * slices_per_tile,
-             "network_evaluations": tiles * slices_per_tile * nfe,
-             "pixel_evaluations": tiles * slices_per_tile * nfe * tile[0] * s * max(tile[1], tile[2]),
-             "sampler": f"{sampler} x{nfe}"},
+            {"stage": "II restore XZ/YZ", "roi": [list(roi.start), list(roi.stop)], "tiles": tiles.n_blocks,
+             "block": list(tiles.block), "halo": list(tiles.halo), "slices": work["slices"],
+             "useful_slices": work["useful_slices"], "network_evaluations": work["slices"] * nfe,
+             "pixel_evaluations": work["pixel_evaluations"],
+             "useful_pixel_evaluations": work["useful_pixel_evaluations"], "sampler": f"{sampler} x{nfe}"},
             {"stage": "III train DGEAN", "steps": cfg.dgean.steps, "batch": cfg.dgean.batch_size,
              "patch": [sizes.dgean_patch_lr_z * s, sizes.dgean_patch_xy, sizes.dgean_patch_xy],
              "network_evaluations": cfg.dgean.steps * cfg.dgean.batch_size, "preset": cfg.dgean.preset},
