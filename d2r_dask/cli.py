@@ -50,6 +50,27 @@ class VolumeType(click.ParamType):
 VOLUME = VolumeType()
 
 
+class LocalPathType(click.Path):
+    """A folder or file that stays on a file system (checkpoints, work directories, reports):
+    an object-store URL is refused, naming the option, instead of becoming a local ``s3:`` folder."""
+
+    def __init__(self) -> None:
+        super().__init__(path_type=Path)
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        from .errors import InputError
+        from .io.stores import scheme
+
+        if not isinstance(value, Path) and scheme(value) not in (None, "file"):
+            what = f"--{param.name.replace('_', '-')}" if param is not None and param.name else "this path"
+            raise InputError(f"{value}: {what} must be on a local or shared file system (only volumes may be "
+                             "on an object store); give a local path")
+        return super().convert(value.removeprefix("file://") if isinstance(value, str) else value, param, ctx)
+
+
+LOCAL = LocalPathType()
+
+
 def _overwrite_option(f: Any) -> Any:
     return click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")(f)
 
@@ -234,7 +255,7 @@ def _train_config(steps: int, batch_size: int, learning_rate: float | None, ema:
 @cli.command("train-restorer")
 @click.argument("lr_volume", type=VOLUME)
 @click.option("--factor", "-s", type=int, required=True, help="Axial factor s of the LR volume.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint folder.")
+@click.option("--out", type=LOCAL, required=True, help="Checkpoint folder.")
 @click.option("--mode", type=click.Choice(["decimate", "mean"]), default="decimate",
               help="How z was acquired (and how XY patches are degraded).")
 @click.option("--preset", type=click.Choice(["tiny", "small", "full"]), default="tiny", help="Network size.")
@@ -283,7 +304,7 @@ def _echo_self_check(name: str, check: dict[str, Any] | None) -> None:
 @cli.command("train-dgean")
 @click.argument("hr_volume", type=VOLUME, metavar="PSEUDO_HR")
 @click.option("--factor", "-s", type=int, required=True, help="Axial factor s.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint folder.")
+@click.option("--out", type=LOCAL, required=True, help="Checkpoint folder.")
 @click.option("--mode", type=click.Choice(["decimate", "mean"]), default="decimate",
               help="How the acquisition degrades z (the same as the LR).")
 @click.option("--preset", type=click.Choice(["tiny", "small", "base", "full"]), default="tiny", help="Network size.")
@@ -365,7 +386,7 @@ roi_option = click.option("--roi", nargs=6, type=int, default=None, metavar="Z0 
 @cli.command()
 @click.argument("lr_volume", type=VOLUME)
 @click.argument("output", type=VOLUME, metavar="PSEUDO_HR")
-@click.option("--model", type=click.Path(path_type=Path), required=True, help="Stage I checkpoint folder.")
+@click.option("--model", type=LOCAL, required=True, help="Stage I checkpoint folder.")
 @roi_option
 @click.option("--block", nargs=3, type=int, default=(16, 64, 64), metavar="Z Y X", help="LR tile shape.")
 @click.option("--halo", nargs=3, type=int, default=(4, 16, 16), metavar="Z Y X",
@@ -405,7 +426,7 @@ def restore(lr_volume: Location, output: Location, model: Path, roi: tuple[int, 
 @cli.command()
 @click.argument("lr_volume", type=VOLUME)
 @click.argument("output", type=VOLUME, metavar="SR")
-@click.option("--model", type=click.Path(path_type=Path), required=True, help="Stage III checkpoint folder.")
+@click.option("--model", type=LOCAL, required=True, help="Stage III checkpoint folder.")
 @roi_option
 @click.option("--block", nargs=3, type=int, default=None, metavar="Z Y X",
               help="LR block shape [default: sized to the device's memory and the network's halo].")
@@ -458,9 +479,9 @@ def _run_overrides(factor: int | None, mode: str | None, seed: int | None, devic
 @click.option("--factor", "-s", type=int, default=None, help="Axial factor s (required unless in --config).")
 @click.option("--mode", type=click.Choice(["decimate", "mean"]), default=None,
               help="How z was acquired [default: decimate].")
-@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
+@click.option("--config", "config_file", type=LOCAL, default=None,
               help="YAML/TOML file with any option of `d2r config show`; flags override it.")
-@click.option("--workdir", type=click.Path(), default=None,
+@click.option("--workdir", type=LOCAL, default=None,
               help="Stage artifacts and run.json, on a file system [default: SR name + .d2r-work, next to SR; "
                    "in the current folder if SR is on an object store].")
 @click.option("--restorer-steps", type=int, default=None, help="Stage I training steps [default: by device].")
@@ -479,7 +500,7 @@ def _run_overrides(factor: int | None, mode: str | None, seed: int | None, devic
 @_levels_option
 @_overwrite_option
 def run(lr_volume: Location, output: Location, factor: int | None, mode: str | None, config_file: Path | None,
-        workdir: str | None, restorer_steps: int | None, dgean_steps: int | None, restorer_preset: str | None,
+        workdir: Path | None, restorer_steps: int | None, dgean_steps: int | None, restorer_preset: str | None,
         dgean_preset: str | None, roi: tuple[int, ...] | None, tta: bool, seed: int | None, device: str | None,
         dry_run: bool, scheduler: str | None, workers: int | None, serial: bool, levels: int,
         overwrite: bool) -> None:
@@ -546,7 +567,7 @@ def config_show(factor: int, fmt: str) -> None:
 @click.option("--also", multiple=True, metavar="NAME=PATH", help="More results to score (repeatable).")
 @click.option("--factor", "-s", type=int, default=None, help="Axial factor [default: from the volumes' metadata].")
 @click.option("--mode", type=click.Choice(["decimate", "mean"]), default=None)
-@click.option("--out", type=click.Path(path_type=Path), default=None,
+@click.option("--out", type=LOCAL, default=None,
               help="Report folder [default: SR name + .report next to SR; in the current folder if SR is "
                    "on an object store].")
 @click.option("--slab", type=int, default=16, help="y-slices read at a time (memory).")
@@ -581,7 +602,7 @@ def evaluate(result: Location, gt: Location, lr_path: Location | None, pseudo_hr
 
 
 @cli.command()
-@click.option("--out", type=click.Path(path_type=Path), default=Path("d2r-demo"), help="Demo folder.")
+@click.option("--out", type=LOCAL, default=Path("d2r-demo"), help="Demo folder.")
 @click.option("--input", "input_path", type=VOLUME, default=None,
               help="Use this isotropic stack as ground truth instead of synthetic data.")
 @voxel_size_option
