@@ -14,12 +14,15 @@ import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import click
 
 from . import __version__
 from .errors import D2RError
+
+if TYPE_CHECKING:
+    from .io.stores import Location
 
 
 class D2RGroup(click.Group):
@@ -30,6 +33,42 @@ class D2RGroup(click.Group):
             return super().invoke(ctx)
         except D2RError as exc:  # one line: what went wrong and the fix
             raise click.ClickException(" ".join(str(exc).split())) from None
+
+
+class VolumeType(click.ParamType):
+    """A volume argument: a local path (given as a Path) or an object store's URL
+    (``s3://``, ``gs://``: kept as its URL; see :mod:`d2r_dask.io.stores`)."""
+
+    name = "path|url"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        from .io.stores import location
+
+        return location(value)
+
+
+VOLUME = VolumeType()
+
+
+class LocalPathType(click.Path):
+    """A folder or file that stays on a file system (checkpoints, work directories, reports):
+    an object-store URL is refused, naming the option, instead of becoming a local ``s3:`` folder."""
+
+    def __init__(self) -> None:
+        super().__init__(path_type=Path)
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        from .errors import InputError
+        from .io.stores import scheme
+
+        if not isinstance(value, Path) and scheme(value) not in (None, "file"):
+            what = f"--{param.name.replace('_', '-')}" if param is not None and param.name else "this path"
+            raise InputError(f"{value}: {what} must be on a local or shared file system (only volumes may be "
+                             "on an object store); give a local path")
+        return super().convert(value.removeprefix("file://") if isinstance(value, str) else value, param, ctx)
+
+
+LOCAL = LocalPathType()
 
 
 def _overwrite_option(f: Any) -> Any:
@@ -68,7 +107,7 @@ def cli(verbose: int) -> None:
 
 @cli.command()
 @click.argument("input_path", metavar="INPUT")
-@click.argument("output", type=click.Path(path_type=Path))
+@click.argument("output", type=VOLUME)
 @voxel_size_option
 @click.option("--translation", nargs=3, type=float, default=(0.0, 0.0, 0.0), metavar="Z Y X",
               help="Physical origin in nm.")
@@ -77,7 +116,7 @@ def cli(verbose: int) -> None:
 @click.option("--compression", type=click.Choice(["zstd", "blosc", "none"]), default="zstd")
 @_levels_option
 @_overwrite_option
-def convert(input_path: str, output: Path, voxel_size: tuple[float, float, float] | None,
+def convert(input_path: str, output: Location, voxel_size: tuple[float, float, float] | None,
             translation: tuple[float, float, float], chunks: tuple[int, int, int] | None,
             compression: str, levels: int, overwrite: bool) -> None:
     """Convert a stack to OME-Zarr in bounded memory.
@@ -93,9 +132,9 @@ def convert(input_path: str, output: Path, voxel_size: tuple[float, float, float
 
 
 @cli.command()
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store", type=VOLUME)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def info(store: Path, as_json: bool) -> None:
+def info(store: Location, as_json: bool) -> None:
     """Describe a volume: shape, dtype, chunks, voxel size, size on disk, intensities."""
     from .io.volume import describe
 
@@ -120,8 +159,8 @@ def info(store: Path, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("gt", type=click.Path(path_type=Path))
-@click.argument("output", type=click.Path(path_type=Path))
+@click.argument("gt", type=VOLUME)
+@click.argument("output", type=VOLUME)
 @click.option("--factor", "-s", type=int, required=True, help="Axial factor s (>= 2).")
 @click.option("--mode", type=click.Choice(["decimate", "mean"]), default="decimate",
               help="decimate: keep every s-th slice; mean: average s-slice slabs.")
@@ -133,7 +172,7 @@ def info(store: Path, as_json: bool) -> None:
 @click.option("--chunks", nargs=3, type=int, default=None, metavar="Z Y X")
 @_levels_option
 @_overwrite_option
-def degrade(gt: Path, output: Path, factor: int, mode: str, blur_sigma: float, noise: str | None,
+def degrade(gt: Location, output: Location, factor: int, mode: str, blur_sigma: float, noise: str | None,
             noise_level: float, seed: int, chunks: tuple[int, int, int] | None, levels: int,
             overwrite: bool) -> None:
     """Degrade an isotropic volume along z by FACTOR (makes an LR input from ground truth).
@@ -142,13 +181,15 @@ def degrade(gt: Path, output: Path, factor: int, mode: str, blur_sigma: float, n
     """
     from .data.degrade import MIN_LR_SLICES, AxialDegradation, degrade_volume
     from .io.geometry import Geometry
+    from .io import stores
     from .io.volume import check_output_path, open_volume, write_volume
 
     check_output_path(output, [gt])
     lr = degrade_volume(open_volume(gt), AxialDegradation(factor, mode, blur_sigma, noise, noise_level, seed),
                         min_slices=MIN_LR_SLICES)
     write_volume(output, lr.data, Geometry.of(lr), chunks=chunks, levels=levels, overwrite=overwrite,
-                 inputs=[gt], name=output.stem, metadata={"degradation": lr.attrs["degradation"], "source": str(gt)})
+                 inputs=[gt], name=Path(stores.name(output)).stem,
+                 metadata={"degradation": lr.attrs["degradation"], "source": str(gt)})
     click.echo(f"wrote {output}  shape {lr.shape}  voxel size {_fmt3(lr.attrs['voxel_size'])} nm")
 
 
@@ -212,9 +253,9 @@ def _train_config(steps: int, batch_size: int, learning_rate: float | None, ema:
 
 
 @cli.command("train-restorer")
-@click.argument("lr_volume", type=click.Path(path_type=Path))
+@click.argument("lr_volume", type=VOLUME)
 @click.option("--factor", "-s", type=int, required=True, help="Axial factor s of the LR volume.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint folder.")
+@click.option("--out", type=LOCAL, required=True, help="Checkpoint folder.")
 @click.option("--mode", type=click.Choice(["decimate", "mean"]), default="decimate",
               help="How z was acquired (and how XY patches are degraded).")
 @click.option("--preset", type=click.Choice(["tiny", "small", "full"]), default="tiny", help="Network size.")
@@ -227,7 +268,7 @@ def _train_config(steps: int, batch_size: int, learning_rate: float | None, ema:
               help="Network evaluations of that sampler [default: 1 for fast (its mean prediction), "
                    "100 for authors].")
 @_train_options
-def train_restorer_cmd(lr_volume: Path, factor: int, out: Path, mode: str, preset: str, patch: int, recipe: str,
+def train_restorer_cmd(lr_volume: Location, factor: int, out: Path, mode: str, preset: str, patch: int, recipe: str,
                        sampler: str | None, sampler_steps: int | None, steps: int, batch_size: int,
                        learning_rate: float | None, ema: float, checkpoint_every: int, val_every: int, seed: int,
                        device: str | None, resume: bool, overwrite: bool) -> None:
@@ -261,9 +302,9 @@ def _echo_self_check(name: str, check: dict[str, Any] | None) -> None:
 
 
 @cli.command("train-dgean")
-@click.argument("hr_volume", type=click.Path(path_type=Path), metavar="PSEUDO_HR")
+@click.argument("hr_volume", type=VOLUME, metavar="PSEUDO_HR")
 @click.option("--factor", "-s", type=int, required=True, help="Axial factor s.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint folder.")
+@click.option("--out", type=LOCAL, required=True, help="Checkpoint folder.")
 @click.option("--mode", type=click.Choice(["decimate", "mean"]), default="decimate",
               help="How the acquisition degrades z (the same as the LR).")
 @click.option("--preset", type=click.Choice(["tiny", "small", "base", "full"]), default="tiny", help="Network size.")
@@ -272,16 +313,16 @@ def _echo_self_check(name: str, check: dict[str, Any] | None) -> None:
 @click.option("--hf-weight", type=float, default=0.5, help="Weight of the gradient (high-frequency) loss.")
 @click.option("--transverse", type=float, default=0.0, show_default=True,
               help="Share of each batch drawn from the LR volume with y playing z (real detail; needs --lr-volume).")
-@click.option("--lr-volume", type=click.Path(path_type=Path), default=None, metavar="LR.zarr",
+@click.option("--lr-volume", type=VOLUME, default=None, metavar="LR.zarr",
               help="The acquired volume PSEUDO_HR was restored from (for --transverse).")
 @click.option("--lr-z0", type=int, default=0, show_default=True,
               help="LR slice under PSEUDO_HR's first slice (when Stage II restored a region).")
-@click.option("--supervised", type=click.Path(path_type=Path), default=None, metavar="GT.zarr",
+@click.option("--supervised", type=VOLUME, default=None, metavar="GT.zarr",
               help="Train on ground truth instead (the supervised upper bound); PSEUDO_HR is then ignored.")
 @_train_options
-def train_dgean_cmd(hr_volume: Path, factor: int, out: Path, mode: str, preset: str, patch_xy: int,
-                    patch_lr_z: int, hf_weight: float, transverse: float, lr_volume: Path | None, lr_z0: int,
-                    supervised: Path | None, steps: int, batch_size: int,
+def train_dgean_cmd(hr_volume: Location, factor: int, out: Path, mode: str, preset: str, patch_xy: int,
+                    patch_lr_z: int, hf_weight: float, transverse: float, lr_volume: Location | None, lr_z0: int,
+                    supervised: Location | None, steps: int, batch_size: int,
                     learning_rate: float | None, ema: float, checkpoint_every: int, val_every: int, seed: int,
                     device: str | None, resume: bool, overwrite: bool) -> None:
     """Stage III: train DGEAN on the pseudo-HR volume (degraded along z -> original)."""
@@ -315,7 +356,7 @@ def _at_least(minimum: int, **values: int | tuple[int, ...] | None) -> None:
                              f"{' along every axis' if isinstance(value, tuple) else ''} (got {got})")
 
 
-def _check_blockwise(kind: str, lr_volume: Path, output: Path, model: Path, roi: tuple[int, ...] | None,
+def _check_blockwise(kind: str, lr_volume: Location, output: Location, model: Path, roi: tuple[int, ...] | None,
                      block: tuple[int, int, int], halo: tuple[int, int, int] | None, group: int = 1) -> None:
     """Stage II/IV arguments checked before a cluster starts: the input opens, the model is of
     ``kind``, the output is none of the inputs, and the blocks obey the engine's rules."""
@@ -350,9 +391,9 @@ roi_option = click.option("--roi", nargs=6, type=int, default=None, metavar="Z0 
 
 
 @cli.command()
-@click.argument("lr_volume", type=click.Path(path_type=Path))
-@click.argument("output", type=click.Path(path_type=Path), metavar="PSEUDO_HR")
-@click.option("--model", type=click.Path(path_type=Path), required=True, help="Stage I checkpoint folder.")
+@click.argument("lr_volume", type=VOLUME)
+@click.argument("output", type=VOLUME, metavar="PSEUDO_HR")
+@click.option("--model", type=LOCAL, required=True, help="Stage I checkpoint folder.")
 @roi_option
 @click.option("--block", nargs=3, type=int, default=(128, 256, 256), metavar="Z Y X",
               help="LR tile shape (cut to the region; each slice is restored once per tile of its plane).")
@@ -370,9 +411,9 @@ roi_option = click.option("--roi", nargs=6, type=int, default=None, metavar="Z0 
 @cluster_options
 @_levels_option
 @_overwrite_option
-def restore(lr_volume: Path, output: Path, model: Path, roi: tuple[int, ...] | None, block: tuple[int, int, int],
-            halo: tuple[int, int, int], overlap: tuple[int, int, int] | None, sampler: str | None,
-            steps: int | None, seed: int, slice_batch: int, batch: int | None, compile_: bool,
+def restore(lr_volume: Location, output: Location, model: Path, roi: tuple[int, ...] | None,
+            block: tuple[int, int, int], halo: tuple[int, int, int], overlap: tuple[int, int, int] | None,
+            sampler: str | None, steps: int | None, seed: int, slice_batch: int, batch: int | None, compile_: bool,
             scheduler: str | None, workers: int | None, serial: bool, levels: int, overwrite: bool) -> None:
     """Stage II: restore every XZ and YZ slice of LR_VOLUME and fuse them (pseudo-HR)."""
     from .stages.restore import restore as run_restore
@@ -392,9 +433,9 @@ def restore(lr_volume: Path, output: Path, model: Path, roi: tuple[int, ...] | N
 
 
 @cli.command()
-@click.argument("lr_volume", type=click.Path(path_type=Path))
-@click.argument("output", type=click.Path(path_type=Path), metavar="SR")
-@click.option("--model", type=click.Path(path_type=Path), required=True, help="Stage III checkpoint folder.")
+@click.argument("lr_volume", type=VOLUME)
+@click.argument("output", type=VOLUME, metavar="SR")
+@click.option("--model", type=LOCAL, required=True, help="Stage III checkpoint folder.")
 @roi_option
 @click.option("--block", nargs=3, type=int, default=None, metavar="Z Y X",
               help="LR block shape [default: sized to the device's memory and the network's halo].")
@@ -405,7 +446,7 @@ def restore(lr_volume: Path, output: Path, model: Path, roi: tuple[int, ...] | N
 @cluster_options
 @_levels_option
 @_overwrite_option
-def infer(lr_volume: Path, output: Path, model: Path, roi: tuple[int, ...] | None, block: tuple[int, int, int],
+def infer(lr_volume: Location, output: Location, model: Path, roi: tuple[int, ...] | None, block: tuple[int, int, int],
           group: int, batch: int | None, tta: bool, compile_: bool, scheduler: str | None, workers: int | None,
           serial: bool, levels: int, overwrite: bool) -> None:
     """Stage IV: super-resolve LR_VOLUME with DGEAN, blockwise (exact halo, crop mode)."""
@@ -442,15 +483,16 @@ def _run_overrides(factor: int | None, mode: str | None, seed: int | None, devic
 
 
 @cli.command()
-@click.argument("lr_volume", type=click.Path(path_type=Path))
-@click.argument("output", type=click.Path(path_type=Path), metavar="SR")
+@click.argument("lr_volume", type=VOLUME)
+@click.argument("output", type=VOLUME, metavar="SR")
 @click.option("--factor", "-s", type=int, default=None, help="Axial factor s (required unless in --config).")
 @click.option("--mode", type=click.Choice(["decimate", "mean"]), default=None,
               help="How z was acquired [default: decimate].")
-@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
+@click.option("--config", "config_file", type=LOCAL, default=None,
               help="YAML/TOML file with any option of `d2r config show`; flags override it.")
-@click.option("--workdir", type=click.Path(path_type=Path), default=None,
-              help="Stage artifacts and run.json [default: SR name + .d2r-work, next to SR].")
+@click.option("--workdir", type=LOCAL, default=None,
+              help="Stage artifacts and run.json, on a file system [default: SR name + .d2r-work, next to SR; "
+                   "in the current folder if SR is on an object store].")
 @click.option("--restorer-steps", type=int, default=None, help="Stage I training steps [default: by device].")
 @click.option("--dgean-steps", type=int, default=None, help="Stage III training steps [default: by device].")
 @click.option("--restorer-preset", type=click.Choice(["auto", "tiny", "small", "full"]), default=None,
@@ -466,7 +508,7 @@ def _run_overrides(factor: int | None, mode: str | None, seed: int | None, devic
 @cluster_options
 @_levels_option
 @_overwrite_option
-def run(lr_volume: Path, output: Path, factor: int | None, mode: str | None, config_file: Path | None,
+def run(lr_volume: Location, output: Location, factor: int | None, mode: str | None, config_file: Path | None,
         workdir: Path | None, restorer_steps: int | None, dgean_steps: int | None, restorer_preset: str | None,
         dgean_preset: str | None, roi: tuple[int, ...] | None, tta: bool, seed: int | None, device: str | None,
         dry_run: bool, scheduler: str | None, workers: int | None, serial: bool, levels: int,
@@ -526,24 +568,28 @@ def config_show(factor: int, fmt: str) -> None:
 
 
 @cli.command()
-@click.argument("result", type=click.Path(path_type=Path), metavar="SR")
-@click.argument("gt", type=click.Path(path_type=Path))
-@click.option("--lr", "lr_path", type=click.Path(path_type=Path), default=None,
+@click.argument("result", type=VOLUME, metavar="SR")
+@click.argument("gt", type=VOLUME)
+@click.option("--lr", "lr_path", type=VOLUME, default=None,
               help="The LR input: also score its nearest/linear/cubic z-interpolation.")
-@click.option("--pseudo-hr", type=click.Path(path_type=Path), default=None, help="Also score Stage II's pseudo-HR.")
+@click.option("--pseudo-hr", type=VOLUME, default=None, help="Also score Stage II's pseudo-HR.")
 @click.option("--also", multiple=True, metavar="NAME=PATH", help="More results to score (repeatable).")
 @click.option("--factor", "-s", type=int, default=None, help="Axial factor [default: from the volumes' metadata].")
 @click.option("--mode", type=click.Choice(["decimate", "mean"]), default=None)
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Report folder [default: SR name + .report next to SR].")
+@click.option("--out", type=LOCAL, default=None,
+              help="Report folder [default: SR name + .report next to SR; in the current folder if SR is "
+                   "on an object store].")
 @click.option("--slab", type=int, default=16, help="y-slices read at a time (memory).")
-def evaluate(result: Path, gt: Path, lr_path: Path | None, pseudo_hr: Path | None, also: tuple[str, ...],
-             factor: int | None, mode: str | None, out: Path | None, slab: int) -> None:
+def evaluate(result: Location, gt: Location, lr_path: Location | None, pseudo_hr: Location | None,
+             also: tuple[str, ...], factor: int | None, mode: str | None, out: Path | None, slab: int) -> None:
     """Score SR against the ground truth GT: PSNR, SSIM per orientation, z-resolution (FRC).
 
     Writes metrics.json, report.md and figures; works blockwise on large volumes.
     """
     from .evaluation.evaluate import evaluate as run_evaluate
+    from .io import stores
+    from .io.stores import location
+    from .io.volume import check_output_path
 
     candidates: dict[str, Any] = {"sr": result}
     if pseudo_hr:
@@ -552,9 +598,10 @@ def evaluate(result: Path, gt: Path, lr_path: Path | None, pseudo_hr: Path | Non
         name, sep, path = item.partition("=")
         if not sep:
             raise click.BadParameter(f"{item!r}: use NAME=PATH", param_hint="--also")
-        candidates[name] = Path(path)
-    out = out or result.with_name(result.name.removesuffix(".zarr") + ".report")
-    from .io.volume import check_output_path
+        candidates[name] = location(path)
+    if out is None:
+        report = stores.name(result).removesuffix(".zarr") + ".report"
+        out = result.with_name(report) if isinstance(result, Path) else Path(report)
 
     check_output_path(out, [gt, lr_path, *candidates.values()], containing=False)
     run_evaluate(gt, candidates, lr_path=lr_path, factor=factor, mode=mode, out_dir=out, slab=slab,
@@ -564,15 +611,15 @@ def evaluate(result: Path, gt: Path, lr_path: Path | None, pseudo_hr: Path | Non
 
 
 @cli.command()
-@click.option("--out", type=click.Path(path_type=Path), default=Path("d2r-demo"), help="Demo folder.")
-@click.option("--input", "input_path", type=click.Path(path_type=Path), default=None,
+@click.option("--out", type=LOCAL, default=Path("d2r-demo"), help="Demo folder.")
+@click.option("--input", "input_path", type=VOLUME, default=None,
               help="Use this isotropic stack as ground truth instead of synthetic data.")
 @voxel_size_option
 @click.option("--factor", "-s", type=int, default=4, help="Axial factor to simulate.")
 @click.option("--quick", is_flag=True, help="A one-minute smoke run (far too short to learn anything).")
 @cluster_options
 @_overwrite_option
-def demo(out: Path, input_path: Path | None, voxel_size: tuple[float, float, float] | None, factor: int,
+def demo(out: Path, input_path: Location | None, voxel_size: tuple[float, float, float] | None, factor: int,
          quick: bool, scheduler: str | None, workers: int | None, serial: bool, overwrite: bool) -> None:
     """The whole pipeline on synthetic (or given) data, evaluated: about 10 minutes on 2 CPU cores."""
     from .demo import demo as run_demo

@@ -19,6 +19,10 @@ Done-state is compact, whatever the number of tasks (``OUTPUT/.d2r/done/``)::
 
 Only losing a record is possible (a group is then recomputed: tasks are idempotent),
 never marking an unfinished group done.
+
+On an object store (``s3://``, ``gs://``; :mod:`d2r_dask.io.stores`), which has no
+append, a task records itself done as one empty object ``{phase}-{group}`` (the
+per-task marker above); the client folds them into ``{phase}.bits`` the same way.
 """
 
 from __future__ import annotations
@@ -35,8 +39,10 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from ..errors import OutputExistsError, ResumeMismatchError
-from ..io.files import atomic_write, write_json
+from ..io import stores
+from ..io.files import write_json
 from ..io.geometry import Geometry
+from ..io.stores import Location
 from ..io.volume import create_scratch, create_volume, d2r_metadata, is_complete, metadata_digest, open_volume
 from ..io.volume import prepare_output as prepare_volume_path
 from .layout import BLENDED, Layout
@@ -59,11 +65,11 @@ class Job:
     model_token: str = field(default="", compare=False)  # hash of the spec and its checkpoint's bytes
 
     @property
-    def state_dir(self) -> Path:
-        return Path(self.output) / ".d2r"
+    def state_dir(self) -> Location:
+        return stores.join(self.output, ".d2r")
 
-    def marker(self, phase: str, group_id: int) -> Path:
-        return self.state_dir / "done" / f"{phase}-{group_id}"
+    def marker(self, phase: str, group_id: int) -> Location:
+        return stores.join(self.state_dir, "done", f"{phase}-{group_id}")
 
 
 def _fingerprint(source: str, level: int) -> dict[str, Any]:
@@ -72,7 +78,7 @@ def _fingerprint(source: str, level: int) -> dict[str, Any]:
     file of the store gave, so jobs started before keep their identity)."""
     vol = open_volume(source, level=level)
     return {
-        "path": str(Path(source).resolve()),
+        "path": stores.canonical(source),
         "level": level,
         "shape": list(vol.shape),
         "dtype": str(vol.dtype),
@@ -104,12 +110,12 @@ def prepare_output(job: Job, identity: Mapping[str, Any], geometry: Geometry, ov
     written first, atomically, and the image's attributes last, so a crash at any point
     in between resumes: the rerun finds its own job and (re)makes what is missing.
     """
-    out = Path(job.output)
-    state = job.state_dir / "job.json"
-    if out.exists() and not overwrite and (state.exists() or not _only_job_state(out)):
-        if not state.exists():
+    out = stores.location(job.output)
+    state = stores.join(job.state_dir, "job.json")
+    if stores.exists(out) and not overwrite and (stores.exists(state) or not _only_job_state(out)):
+        if not stores.exists(state):
             raise OutputExistsError(f"{out} already exists and is not a d2r job output; pass --overwrite to replace it")
-        previous = json.loads(state.read_text())
+        previous = json.loads(stores.read_bytes(state))
         if previous["hash"] != job.token:
             now = json.loads(json.dumps(identity))  # tuples -> lists, as stored
             diff = sorted(k for k in now if previous["identity"].get(k) != now[k])
@@ -125,15 +131,23 @@ def prepare_output(job: Job, identity: Mapping[str, Any], geometry: Geometry, ov
         return False
     check()
     prepare_volume_path(out, overwrite=True, inputs=[job.source])  # d2r's own (or absent): checked, cleared
-    job.state_dir.mkdir(parents=True, exist_ok=True)
-    write_json(state, {"hash": job.token, "identity": identity}, indent=1)
+    stores.make_dirs(job.state_dir)
+    _write_json(state, {"hash": job.token, "identity": identity})
     _create(job, geometry, metadata)
     return False
 
 
-def _only_job_state(out: Path) -> bool:
+def _write_json(path: Location, data: Mapping[str, Any]) -> None:
+    """The job identity, atomically: :func:`~d2r_dask.io.files.write_json` locally, one PUT on an object store."""
+    if isinstance(path, Path):
+        write_json(path, data, indent=1)
+    else:
+        stores.write_bytes(path, json.dumps(data, indent=1, default=str).encode())
+
+
+def _only_job_state(out: Location) -> bool:
     """``out`` holds nothing but a job state folder without ``job.json`` (a crash while creating it)."""
-    return {p.name for p in out.iterdir()} <= {".d2r"}
+    return {stores.name(p) for p, _ in stores.entries(out)} <= {".d2r"}
 
 
 def _create(job: Job, geometry: Geometry, metadata: Mapping[str, Any] | None) -> None:
@@ -141,10 +155,11 @@ def _create(job: Job, geometry: Geometry, metadata: Mapping[str, Any] | None) ->
     layout = job.layout
     if layout.stitch in BLENDED:
         tile = tuple(b + 2 * h * s for b, h, s in zip(layout.out_block, layout.halo, layout.scale))
-        create_scratch(job.state_dir / "tiles", shape=tuple(g * t for g, t in zip(layout.grid, tile)), chunks=tile)
-    (job.state_dir / "done").mkdir(parents=True, exist_ok=True)
+        create_scratch(stores.join(job.state_dir, "tiles"), shape=tuple(g * t for g, t in zip(layout.grid, tile)),
+                       chunks=tile)
+    stores.make_dirs(stores.join(job.state_dir, "done"))
     create_volume(job.output, shape=layout.out_shape, dtype=job.out_dtype, geometry=geometry,
-                  chunks=layout.out_block, name=Path(job.output).stem, in_job_folder=True,
+                  chunks=layout.out_block, name=Path(stores.name(job.output)).stem, in_job_folder=True,
                   metadata={**dict(metadata or {}), "job": job.token})
 
 
@@ -162,8 +177,13 @@ def _process_id() -> str:
 
 def mark_done(job: Job, phase: str, group_id: int) -> None:
     """Record that group ``group_id`` of ``phase`` is done: 8 bytes appended to this
-    process's log of the phase (``O_APPEND``: no read-modify-write, no file per task)."""
-    done = job.state_dir / "done"
+    process's log of the phase (``O_APPEND``: no read-modify-write, no file per task);
+    on an object store, which cannot append, one empty marker object."""
+    done = job.state_dir
+    if not isinstance(done, Path):
+        stores.write_bytes(job.marker(phase, group_id), b"")
+        return
+    done = done / "done"
     path = done / f"{phase}.{_process_id()}.log"
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -179,35 +199,34 @@ def mark_done(job: Job, phase: str, group_id: int) -> None:
 def done_flags(job: Job, phase: str, n_groups: int) -> np.ndarray:
     """Done flags (bool, one per group) of ``phase``; compacts the logs and any old
     per-task markers into ``{phase}.bits`` (run by the client only, before submitting)."""
-    done = job.state_dir / "done"
+    done = stores.join(job.state_dir, "done")
     flags = np.zeros(n_groups, dtype=bool)
-    if not done.is_dir():
+    listing = stores.entries(done)
+    if not listing:
         return flags
-    bits = done / f"{phase}.bits"
-    if bits.exists():
-        packed = np.unpackbits(np.frombuffer(bits.read_bytes(), dtype=np.uint8), count=None)
-        flags[:min(n_groups, packed.size)] |= packed[:n_groups].astype(bool)
-    logs: list[Path] = []
-    markers: list[Path] = []
+    bits = stores.join(done, f"{phase}.bits")
+    logs: list[Location] = []
+    markers: list[Location] = []
     old = f"{phase}-"
-    with os.scandir(done) as it:
-        for e in it:
-            name = e.name
-            if name.startswith(f"{phase}.") and name.endswith(".log"):
-                logs.append(Path(e.path))
-            elif name.startswith(old) and name[len(old):].isdigit():  # the former format
-                markers.append(Path(e.path))
-                gid = int(name[len(old):])
-                if gid < n_groups:
-                    flags[gid] = True
+    for child, _ in listing:
+        name = stores.name(child)
+        if name == f"{phase}.bits":
+            packed = np.unpackbits(np.frombuffer(stores.read_bytes(bits), dtype=np.uint8), count=None)
+            flags[:min(n_groups, packed.size)] |= packed[:n_groups].astype(bool)
+        elif name.startswith(f"{phase}.") and name.endswith(".log"):
+            logs.append(child)
+        elif name.startswith(old) and name[len(old):].isdigit():  # per-task markers (former format; object stores)
+            markers.append(child)
+            gid = int(name[len(old):])
+            if gid < n_groups:
+                flags[gid] = True
     for log_path in logs:
-        raw = log_path.read_bytes()
+        raw = stores.read_bytes(log_path)
         ids = np.frombuffer(raw[: len(raw) // 8 * 8], dtype="<u8")  # a torn last record is ignored
         flags[ids[ids < n_groups].astype(np.int64)] = True
     if logs or markers:
-        atomic_write(bits, lambda tmp: tmp.write_bytes(np.packbits(flags).tobytes()))
-        for f in logs + markers:  # only now: a crash before this point loses nothing
-            f.unlink(missing_ok=True)
+        stores.write_bytes(bits, np.packbits(flags).tobytes())
+        stores.remove_files(logs + markers)  # only now: a crash before this point loses nothing
     return flags
 
 

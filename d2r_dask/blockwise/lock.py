@@ -12,6 +12,10 @@ to the lock's name, which fails if the name exists), so a reader never sees half
 * A lock from another host cannot be checked from here; the message says which file
   to delete if that run has stopped.
 
+On an object store (``s3://bucket/sr.zarr`` -> ``s3://bucket/sr.zarr.d2r-lock``) the lock
+is an object created by a conditional PUT (``If-None-Match``: it fails if the object
+exists), and a stale one is deleted after re-reading it, then created again.
+
 Locks are re-entrant within a process: :func:`~d2r_dask.stages.pipeline.run` holds its
 output's lock while the engine takes it again for Stage IV. The lock sits beside the
 target, not inside it, so ``--overwrite`` can delete the target while the lock holds.
@@ -32,20 +36,25 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 from ..errors import LockedError
+from ..io import stores
+from ..io.stores import Location
 from ..io.volume import check_output_path
 
 log = logging.getLogger(__name__)
 
 SUFFIX = ".d2r-lock"
-_HELD: dict[Path, int] = {}  # lock file -> nesting depth, in this process
+_HELD: dict[Location, int] = {}  # lock file -> nesting depth, in this process
 _GUARD = threading.Lock()
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def lock_path(target: str | os.PathLike) -> Path:
-    """The lock file of ``target``: beside it, its name plus ``.d2r-lock``."""
-    target = Path(target).absolute()
-    return target.with_name(target.name + SUFFIX)
+def lock_path(target: str | os.PathLike) -> Location:
+    """The lock file of ``target``: beside it, its name plus ``.d2r-lock`` (an object beside a remote target)."""
+    loc = stores.location(target)
+    if isinstance(loc, str):
+        return loc + SUFFIX
+    loc = loc.absolute()
+    return loc.with_name(loc.name + SUFFIX)
 
 
 def _process_start(pid: int) -> str | None:
@@ -63,10 +72,10 @@ def _me() -> dict[str, Any]:
             "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": " ".join(sys.argv)[:300]}
 
 
-def _read(path: Path) -> dict[str, Any] | None:
+def _read(path: Location) -> dict[str, Any] | None:
     """The holder recorded in ``path``; None if the file vanished; {} if it is unreadable."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(stores.read_bytes(path))
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
@@ -94,8 +103,10 @@ def _holder_text(holder: dict[str, Any]) -> str:
             + (f" ({holder['command']})" if holder.get("command") else ""))
 
 
-def _try_create(path: Path, me: dict[str, Any]) -> bool:
+def _try_create(path: Location, me: dict[str, Any]) -> bool:
     """Create ``path`` holding ``me`` if it does not exist (atomically, content included)."""
+    if isinstance(path, str):
+        return stores.create_exclusive(path, json.dumps(me).encode())
     tmp = path.with_name(f"{path.name}.{me['pid']}.{threading.get_ident()}.tmp")
     tmp.write_text(json.dumps(me))
     try:
@@ -115,8 +126,15 @@ def _try_create(path: Path, me: dict[str, Any]) -> bool:
         tmp.unlink(missing_ok=True)
 
 
-def _take_over(path: Path, stale: dict[str, Any], target: Path, what: str) -> None:
+def _take_over(path: Location, stale: dict[str, Any], target: Location, what: str) -> None:
     """Remove the stale lock ``path`` if it still holds ``stale`` (another run may have taken it over first)."""
+    if isinstance(path, str):  # an object store renames nothing: re-read, then delete
+        if _read(path) != stale:
+            return
+        stores.remove(path)
+        log.warning("taking over the lock of %s %s: it was left by %s, which is no longer running", what, target,
+                    _holder_text(stale))
+        return
     moved = path.with_name(f"{path.name}.stale-{os.getpid()}")
     try:
         os.rename(path, moved)
@@ -132,15 +150,18 @@ def _take_over(path: Path, stale: dict[str, Any], target: Path, what: str) -> No
                 _holder_text(stale))
 
 
-def acquire(target: str | os.PathLike, *, what: str = "output") -> Path:
+def acquire(target: str | os.PathLike, *, what: str = "output") -> Location:
     """Take ``target``'s lock (re-entrant in this process) or raise :class:`LockedError`."""
-    target = Path(target)
+    target = stores.location(target)
     path = lock_path(target)
     with _GUARD:
         if path in _HELD:
             _HELD[path] += 1
             return path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(path, Path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            stores.check_bucket(path)
         me = _me()
         for _ in range(5):
             if _try_create(path, me):
@@ -173,11 +194,11 @@ def release(target: str | os.PathLike) -> None:
         _HELD.pop(path, None)
         holder = _read(path)
         if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
-            path.unlink(missing_ok=True)
+            stores.remove(path)
 
 
 @contextlib.contextmanager
-def exclusive(target: str | os.PathLike, *, what: str = "output") -> Iterator[Path]:
+def exclusive(target: str | os.PathLike, *, what: str = "output") -> Iterator[Location]:
     """Hold ``target``'s lock for the ``with`` block."""
     path = acquire(target, what=what)
     try:

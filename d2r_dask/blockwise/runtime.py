@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from ..io import stores
 from ..io.volume import open_reader, open_scratch, output_array
 from .processors import BlockProcessor, ModelSpec, load_processor
 
@@ -106,7 +107,7 @@ class WorkerRuntime:
 
     def tiles(self, job: Job) -> Any:
         """The job's tile scratch array (blend mode)."""
-        return self._array(job.output, job, "tiles", lambda: open_scratch(job.state_dir / "tiles"))
+        return self._array(job.output, job, "tiles", lambda: open_scratch(stores.join(job.state_dir, "tiles")))
 
 
 RUNTIME = WorkerRuntime()

@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
 import time
 import uuid
-from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from ..errors import InputError
+from ..io import stores
 from ..io.geometry import Box, Geometry
+from ..io.stores import Location
 from ..io.volume import create_pyramid_level, open_volume, pyramid_plan, write_multiscales
 from .jobstate import Job, done_block_count, done_flags, job_hash, job_identity, prepare_output, todo_groups
 from .layout import Layout
@@ -61,7 +61,7 @@ def run_blockwise(
     progress: bool = True,
     metadata: Mapping[str, Any] | None = None,
     window: int | None = None,
-) -> Path:
+) -> Location:
     """Run ``spec``'s processor over every block of ``source`` and write ``output``.
 
     ``client`` is a ``distributed.Client``; ``serial=True`` runs the same tasks in
@@ -102,6 +102,7 @@ def run_blockwise(
     job = Job(source, str(output), spec, layout, out_dtype, token=job_hash(identity),
               model_token=identity["model"]["sha256"])
     distributed = client is not None and not serial
+    name = stores.name(output)
 
     def check() -> None:
         if distributed:
@@ -113,35 +114,35 @@ def run_blockwise(
         configure_workers(client)
     if prepare_output(job, identity, geometry, overwrite, metadata, check):
         log.info("%s is already complete", output)
-        return Path(output)
+        return stores.location(output)
     if distributed:
         log.info("dashboard: %s", client.dashboard_link)
         if progress:
-            _write_line(f"d2r: {Path(output).name} on {len(client.scheduler_info(n_workers=-1)['workers'])} "
+            _write_line(f"d2r: {name} on {len(client.scheduler_info(n_workers=-1)['workers'])} "
                         f"workers, dashboard {client.dashboard_link}")
 
     def run_phase(phase: str, phase_layout: Layout, task: Callable[[Job, str, int], int]) -> None:
         flags = done_flags(job, phase, phase_layout.n_groups)
         done_blocks = done_block_count(phase_layout, flags)
         todo = todo_groups(flags)
-        log.info("%s: %d of %d blocks to do (%s)", Path(output).name, phase_layout.n_blocks - done_blocks,
+        log.info("%s: %d of %d blocks to do (%s)", name, phase_layout.n_blocks - done_blocks,
                  phase_layout.n_blocks, phase)
         t0 = time.perf_counter()
-        with _progress_bar(progress, phase_layout.n_blocks, done_blocks, f"{Path(output).name} {phase}") as bar:
+        with _progress_bar(progress, phase_layout.n_blocks, done_blocks, f"{name} {phase}") as bar:
             if distributed:
                 _run_distributed(client, task, job, phase, phase_layout, todo, bar, window)
             else:
                 for gid in todo:
                     bar.update(task(job, phase, gid))
-        log.info("%s %s: %d blocks in %.1f s", Path(output).name, phase, phase_layout.n_blocks - done_blocks,
+        log.info("%s %s: %d blocks in %.1f s", name, phase, phase_layout.n_blocks - done_blocks,
                  time.perf_counter() - t0)
 
     for phase in STITCH_PHASES[layout.stitch]:
         run_phase(phase, layout, run_group)
-    shutil.rmtree(job.state_dir / "tiles", ignore_errors=True)
+    stores.remove(stores.join(job.state_dir, "tiles"))
     build_pyramid(job, levels, run_phase)
-    shutil.rmtree(job.state_dir / "done", ignore_errors=True)
-    return Path(output)
+    stores.remove(stores.join(job.state_dir, "done"))
+    return stores.location(output)
 
 
 def build_pyramid(job: Job, levels: int, run_phase: Callable[[str, Layout, Callable[..., int]], None]) -> None:

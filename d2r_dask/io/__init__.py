@@ -7,7 +7,9 @@
   imports zarr.
 * :mod:`.convert` -- any stack (TIFF, PNG folder, HDF5, .npy, Zarr) to OME-Zarr.
 * :mod:`.files` -- atomic writes of small files (JSON, text, checkpoints, figures).
+* :mod:`.stores` -- where a volume lives: a local path or an object-store URL (``s3://``,
+  ``gs://``), and small files (job state, done-state, locks) on both.
 
 Contract: may import only :mod:`d2r_dask.errors` and third-party storage libraries
-(numpy, zarr, xarray, dask, tifffile); never torch, data, models, the engine or the stages.
+(numpy, zarr, xarray, dask, tifffile, fsspec); never torch, data, models, the engine or the stages.
 """

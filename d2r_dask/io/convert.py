@@ -21,7 +21,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import D2RError, InputError
+from . import stores
 from .geometry import Geometry
+from .stores import Location
 from .volume import check_dtype, check_output_path, create_volume, default_chunks, finalize_volume, open_volume
 
 log = logging.getLogger(__name__)
@@ -201,7 +203,7 @@ def _npy_source(path: Path) -> StackSource:
     return StackSource(f"NumPy {path}", shape, dtype, read)  # type: ignore[arg-type]
 
 
-def _zarr_source(path: Path, voxel_size: Sequence[float] | None) -> StackSource:
+def _zarr_source(path: Location, voxel_size: Sequence[float] | None) -> StackSource:
     vol = open_volume(path, voxel_size=voxel_size)
     data = vol.data
     return StackSource(
@@ -228,6 +230,8 @@ def open_source(spec: str | os.PathLike, *, voxel_size: Sequence[float] | None =
 
 
 def _open_source(text: str, voxel_size: Sequence[float] | None) -> StackSource:
+    if stores.is_remote(text):  # on an object store: a Zarr volume
+        return _zarr_source(stores.location(text), voxel_size)
     if ".h5:" in text or ".hdf5:" in text or text.endswith((".h5", ".hdf5")):
         return _hdf5_source(text)
     path = Path(text)
@@ -259,8 +263,10 @@ def convert(
     overwrite: bool = False,
     compression: str = "zstd",
     progress: bool = False,
-) -> Path:
+) -> Location:
     """Convert a stack to an OME-Zarr image, reading ``chunks[0]`` slices at a time.
+
+    ``output`` (and a Zarr ``source``) may be on an object store (``s3://``, ``gs://``).
 
     ``voxel_size`` (nm, z y x) is required unless the source carries one (Zarr).
     Float64 input is stored as float32; NaN/inf input is refused.
@@ -285,7 +291,7 @@ def convert(
             overwrite=overwrite,
             inputs=[input_path],
             compression=compression,
-            name=Path(str(source)).stem,
+            name=Path(stores.name(str(source))).stem,
             metadata={"converted_from": src.description},
         )
         step = chunks[0]
@@ -295,4 +301,4 @@ def convert(
             arr[z0 : z0 + slab.shape[0]] = slab.astype(dtype, copy=False)
     finalize_volume(output, levels=levels)
     log.info("converted %s -> %s", src.description, output)
-    return Path(output)
+    return stores.location(output)

@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -40,8 +39,10 @@ from zarr.codecs import BloscCodec, ZstdCodec
 
 from .. import __version__
 from ..errors import ChunkReadError, D2RError, IncompleteVolumeError, InputError, OutputExistsError
+from . import stores
 from .files import write_json
 from .geometry import Geometry
+from .stores import Location, location
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +83,25 @@ def check_dtype(dtype: Any, what: str = "volume") -> np.dtype:
     return dtype
 
 
+def _store(path: str | os.PathLike, mode: str) -> Any:
+    """What Zarr opens for ``path``: the path itself (local) or an ``FsspecStore`` (object store)."""
+    loc = location(path)
+    if isinstance(loc, Path):
+        return str(loc)
+    from zarr.storage import FsspecStore
+
+    url, options = stores.fs_url(loc)
+    return FsspecStore.from_url(url, storage_options=options, read_only=mode == "r")
+
+
 def _open_node(path: str | os.PathLike) -> zarr.Array | zarr.Group:
-    p = Path(path)
-    if not p.exists():
+    p = location(path)
+    if not stores.exists(p):
+        if isinstance(p, str):
+            raise InputError(f"{p}: nothing at this URL (no such bucket or key); check the URL")
         raise InputError(f"{p}: no such file or directory; check the path")
     try:
-        return zarr.open(str(p), mode="r")
+        return zarr.open(_store(p, "r"), mode="r")
     except Exception as exc:  # zarr raises several types for "not a store"
         raise InputError(
             f"{p} is not a Zarr array or OME-Zarr image ({exc.__class__.__name__}: {exc}); "
@@ -114,7 +128,7 @@ def _transforms(items: Sequence[Mapping[str, Any]], ndim: int) -> tuple[np.ndarr
     return scale, translation
 
 
-def _spatial_axes(axes: Sequence[Any], shape: Sequence[int], path: Path) -> list[int]:
+def _spatial_axes(axes: Sequence[Any], shape: Sequence[int], path: Location) -> list[int]:
     """Indices of the z, y, x axes; other axes must have size 1."""
     names = [a["name"] if isinstance(a, Mapping) else str(a) for a in axes]
     spatial = [names.index(n) if n in names else -1 for n in AXES]
@@ -129,21 +143,23 @@ def _spatial_axes(axes: Sequence[Any], shape: Sequence[int], path: Path) -> list
     return spatial
 
 
-def _parent_image(path: Path) -> tuple[Path, int] | None:
+def _parent_image(path: Location) -> tuple[Location, int] | None:
     """``(image, level)`` if the array at ``path`` is a level of an OME-Zarr image."""
+    up = path.parent if isinstance(path, Path) else stores.parent(path)
     try:
-        group = zarr.open_group(str(path.resolve().parent), mode="r")
+        group = zarr.open_group(_store(stores.parent(path), "r"), mode="r")
     except Exception:
         return None
     attrs = group.attrs.asdict()
     if attrs.get("d2r", {}).get("complete") is False:
         raise IncompleteVolumeError(
-            f"{path} belongs to {path.parent}, which was left by an interrupted or running d2r job "
+            f"{path} belongs to {up}, which was left by an interrupted or running d2r job "
             "and is incomplete; rerun the command that made it (restore, infer and run resume) or delete it"
         )
     ms, _ = _multiscales(attrs)
     paths = [str(d.get("path")) for d in ms["datasets"]] if ms else []
-    return (path.parent, paths.index(path.name)) if path.name in paths else None
+    name = stores.name(path)
+    return (up, paths.index(name)) if name in paths else None
 
 
 class _CheckedArray:
@@ -182,9 +198,21 @@ def _touched_chunks(array: zarr.Array, selection: Any) -> list[tuple[int, ...]]:
     return list(itertools.product(*per_axis))
 
 
+def _store_name(store: Any) -> Any:
+    """Where a Zarr store is, for messages: its folder, or its URL (an ``FsspecStore``)."""
+    root = getattr(store, "root", None)
+    if root is not None:
+        return root
+    fs = getattr(store, "fs", None)
+    if fs is None:
+        return store
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    return f"{protocol}://{store.path}"
+
+
 def _chunk_error(array: zarr.Array, selection: Any, exc: BaseException) -> ChunkReadError:
     """The error for a failed read: which chunk (re-read one by one to find it), and the fix."""
-    store = getattr(array.store, "root", array.store)
+    store = _store_name(array.store)
     where = f"array '{array.path or '/'}' of the store {store}"
     bad = None
     try:
@@ -241,7 +269,7 @@ class _Located:
         return [stored.index(i) for i in self.spatial]
 
 
-def _locate(path: Path, level: int, voxel_size: Sequence[float] | None) -> _Located:
+def _locate(path: Location, level: int, voxel_size: Sequence[float] | None) -> _Located:
     node = _open_node(path)
     version = None
     scale = translation = None
@@ -314,7 +342,7 @@ def open_volume(
     the voxel size in nm. Attributes: ``voxel_size``, ``translation`` (nm),
     ``source`` (the path) and ``ngff_version`` (None for plain arrays).
     """
-    path = Path(path)
+    path = location(path)
     loc = _locate(path, level, voxel_size)
     if not loc.has_voxel_size:
         log.warning("%s has no voxel size; assuming 1 nm (pass voxel_size to set it)", path)
@@ -348,7 +376,7 @@ class VolumeReader:
 
 def open_reader(path: str | os.PathLike, *, level: int = 0) -> VolumeReader:
     """A :class:`VolumeReader` for the volume :func:`open_volume` would open (same axes, dtype)."""
-    return VolumeReader(_locate(Path(path), level, None))
+    return VolumeReader(_locate(location(path), level, None))
 
 
 def as_dataarray(
@@ -382,20 +410,16 @@ def as_dataarray(
 # --- writing ---------------------------------------------------------------------------
 
 
-def _same_or_inside(a: Path, b: Path, containing: bool = True) -> bool:
-    a, b = a.resolve(), b.resolve()
-    return a == b or b in a.parents or (containing and a in b.parents)
-
-
 def check_output_path(path: str | os.PathLike, inputs: Sequence[str | os.PathLike | None] = (), *,
-                      containing: bool = True, what: str = "output") -> Path:
+                      containing: bool = True, what: str = "output") -> Location:
     """Refuse an output that is, lies inside or (``containing``) holds any of ``inputs``; nothing is written.
 
     ``containing=False`` for outputs that are only added to, never deleted whole (checkpoint folders).
+    Returns ``path`` as a location (:func:`~.stores.location`: a Path, or an object store's URL).
     """
-    path = Path(path)
+    path = location(path)
     for src in inputs:
-        if src is not None and _same_or_inside(path, Path(src), containing):
+        if src is not None and stores.same_or_inside(path, src, containing):
             raise InputError(f"{what} {path} would overwrite the input {src}; choose another {what} path")
     return path
 
@@ -421,14 +445,16 @@ def written_by_d2r(path: str | os.PathLike) -> bool:
     of :func:`mark_folder`; an empty folder holds nothing to lose. Anything else (a file,
     a home directory, a store of another tool) is not d2r's to delete.
     """
-    path = Path(path)
-    if not path.is_dir() or path.is_symlink():
+    path = location(path)
+    if not stores.is_dir(path):
         return False
-    if not any(path.iterdir()) or (path / ".d2r").is_dir() or (path / FOLDER_MARKER).is_file() or d2r_metadata(path):
+    children = {stores.name(child): folder for child, folder in stores.entries(path)}
+    if (not children or children.get(".d2r") is True or children.get(FOLDER_MARKER) is False
+            or d2r_metadata(path)):
         return True
-    record = path / "run.json"
+    record = stores.join(path, "run.json")
     try:
-        data = json.loads(record.read_text()) if record.is_file() else None
+        data = json.loads(stores.read_bytes(record)) if children.get("run.json") is False else None
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and {"config", "stages"} <= set(data)
@@ -440,21 +466,23 @@ def prepare_output(
     """Check that ``path`` may be written: never an input, existing only with ``overwrite``.
 
     The one home of the overwrite rule: with ``overwrite`` an existing ``path`` is
-    deleted only if d2r wrote it (:func:`written_by_d2r`), otherwise refused.
+    deleted only if d2r wrote it (:func:`written_by_d2r`), otherwise refused. On an
+    object store the bucket must exist (:func:`~.stores.check_bucket`).
     """
     path = check_output_path(path, inputs)
-    if path.exists() or path.is_symlink():
+    if stores.exists(path):
         if not overwrite:
             raise OutputExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
         check_removable(path)
-        shutil.rmtree(path)
+        stores.remove(path, missing_ok=False)
+    else:
+        stores.check_bucket(path)
     return path
 
 
 def check_removable(path: str | os.PathLike) -> None:
     """Refuse (:class:`OutputExistsError`) an existing ``path`` that d2r did not write: ``--overwrite`` keeps it."""
-    path = Path(path)
-    if (path.exists() or path.is_symlink()) and not written_by_d2r(path):
+    if stores.exists(path) and not written_by_d2r(path):
         raise OutputExistsError(
             f"{path} is not a Zarr store or folder written by d2r (a file, a folder of other data, or a store "
             "of another tool); d2r will not delete it even with --overwrite: choose another output path"
@@ -517,10 +545,10 @@ def create_volume(
         **dict(metadata or {}),
     }
     if in_job_folder:
-        group = zarr.open_group(str(path), mode="a", zarr_format=3)  # "w" would delete the job state
+        group = zarr.open_group(_store(path, "a"), mode="a", zarr_format=3)  # "w" would delete the job state
     else:
         path = prepare_output(path, overwrite=overwrite, inputs=inputs)
-        group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        group = zarr.open_group(_store(path, "w"), mode="w", zarr_format=3)
         group.attrs["d2r"] = attrs
     array = group.create_array(
         "0",
@@ -541,25 +569,25 @@ def create_volume(
 def output_array(path: str | os.PathLike, level: int = 0) -> zarr.Array:
     """Open an array (``level``, default the full resolution) of a volume being written
     (incomplete allowed)."""
-    return zarr.open_array(str(Path(path) / str(level)), mode="r+")
+    return zarr.open_array(_store(stores.join(path, str(level)), "r+"), mode="r+")
 
 
 def create_scratch(path: str | os.PathLike, *, shape: Sequence[int], chunks: Sequence[int]) -> zarr.Array:
     """An uncompressed float32 working array (not a volume: no metadata, deleted after use;
     one left by an interrupted creation is replaced)."""
-    return zarr.create_array(str(path), shape=tuple(shape), chunks=tuple(chunks), dtype="float32",
+    return zarr.create_array(_store(path, "w"), shape=tuple(shape), chunks=tuple(chunks), dtype="float32",
                              compressors=None, fill_value=0, overwrite=True)
 
 
 def open_scratch(path: str | os.PathLike) -> zarr.Array:
     """Open an array made by :func:`create_scratch` for reading and writing."""
-    return zarr.open_array(str(path), mode="r+")
+    return zarr.open_array(_store(path, "r+"), mode="r+")
 
 
 def d2r_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The ``d2r`` attributes a volume was written with (provenance, factor, mode), or {}."""
     try:
-        node = zarr.open(str(path), mode="r")
+        node = zarr.open(_store(path, "r"), mode="r")
     except Exception:
         return {}
     return dict(node.attrs.get("d2r", {})) if isinstance(node, zarr.Group) else {}
@@ -568,12 +596,12 @@ def d2r_metadata(path: str | os.PathLike) -> dict[str, Any]:
 def is_complete(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a finished volume (OME metadata written, not marked incomplete)."""
     try:
-        node = zarr.open(str(path), mode="r")
+        node = zarr.open(_store(path, "r"), mode="r")
     except Exception:
         return False
     if isinstance(node, zarr.Array):
         try:
-            _parent_image(Path(path))
+            _parent_image(location(path))
         except IncompleteVolumeError:
             return False
         return True
@@ -604,7 +632,7 @@ def pyramid_plan(path: str | os.PathLike, *, levels: int = 1, min_size: int = 32
     """The levels below the full resolution that ``finalize_volume`` writes, from the
     metadata alone. ``levels`` counts the full-resolution level; fewer are planned where
     a level would be smaller than ``min_size`` along an axis being coarsened."""
-    group = zarr.open_group(str(path), mode="r")
+    group = zarr.open_group(_store(path, "r"), mode="r")
     d2r = group.attrs.asdict()["d2r"]
     base = group["0"]
     shape, vs, tr = np.array(base.shape), np.array(d2r["voxel_size"], float), np.array(d2r["translation"], float)
@@ -627,7 +655,7 @@ def create_pyramid_level(path: str | os.PathLike, level: PyramidLevel, *, keep: 
     """Create the array of ``level`` (like the base: dtype, compressors). An existing one of
     the same shape, chunks and dtype is kept when ``keep`` (a resumed job keeps the regions
     it wrote); otherwise it is replaced (derived data: redone from the level above)."""
-    group = zarr.open_group(str(path), mode="r+")
+    group = zarr.open_group(_store(path, "r+"), mode="r+")
     base = group["0"]
     if keep and level.path in group:
         old = group[level.path]
@@ -667,7 +695,7 @@ def level_regions(shape: Sequence[int], chunks: Sequence[int], per_region: int =
 def write_multiscales(path: str | os.PathLike, pyramid: Sequence[PyramidLevel]) -> None:
     """Write the NGFF ``multiscales`` of the base level and ``pyramid``, then mark the
     volume complete: the very last write of a volume."""
-    group = zarr.open_group(str(path), mode="r+")
+    group = zarr.open_group(_store(path, "r+"), mode="r+")
     d2r = group.attrs.asdict()["d2r"]
     geometry = Geometry(tuple(d2r["voxel_size"]), tuple(d2r["translation"]))
     datasets = [_dataset("0", geometry)] + [_dataset(lv.path, lv.geometry) for lv in pyramid]
@@ -696,7 +724,7 @@ def finalize_volume(path: str | os.PathLike, *, levels: int = 1, min_size: int =
     from .geometry import iter_blocks
 
     pyramid = pyramid_plan(path, levels=levels, min_size=min_size)
-    group = zarr.open_group(str(path), mode="r+")
+    group = zarr.open_group(_store(path, "r+"), mode="r+")
     src = group["0"]
     for level in pyramid:
         out = create_pyramid_level(path, level, keep=False)
@@ -729,7 +757,7 @@ def write_volume(
     name: str = "image",
     metadata: Mapping[str, Any] | None = None,
     compression: str = "zstd",
-) -> Path:
+) -> Location:
     """Write a whole array as a finished OME-Zarr image (chunk-aligned, then finalized)."""
     if not isinstance(data, da.Array):
         data = da.from_array(np.asarray(data), chunks=chunks or default_chunks(np.shape(data), data.dtype))
@@ -747,50 +775,46 @@ def write_volume(
     )
     da.store(data.rechunk(arr.chunks), arr, lock=False)
     finalize_volume(path, levels=levels)
-    return Path(path)
+    return location(path)
 
 
 _METADATA_FILES = ("zarr.json", ".zarray", ".zgroup", ".zattrs")
 
 
-def _metadata_files(path: Path) -> dict[str, list[Path]]:
+def _metadata_files(path: str | os.PathLike) -> dict[str, list[Location]]:
     """The metadata documents of the hierarchy at ``path``, by file name, each list
     sorted: groups are listed, array folders (where the chunks are) never."""
-    found: dict[str, list[Path]] = {name: [] for name in _METADATA_FILES}
+    found: dict[str, list[Location]] = {name: [] for name in _METADATA_FILES}
 
-    def walk(folder: Path) -> None:
-        present = [name for name in found if (folder / name).is_file()]
+    def walk(folder: Location) -> None:
+        present = [name for name in found if stores.is_file(stores.join(folder, name))]
         for name in present:
-            found[name].append(folder / name)
+            found[name].append(stores.join(folder, name))
         if ".zarray" in present or ("zarr.json" in present and json.loads(
-                (folder / "zarr.json").read_bytes()).get("node_type") == "array"):
+                stores.read_bytes(stores.join(folder, "zarr.json"))).get("node_type") == "array"):
             return  # an array: its folder holds chunks only
-        try:
-            entries = list(os.scandir(folder))
-        except (NotADirectoryError, FileNotFoundError):
-            return
-        for e in entries:
-            if e.is_dir(follow_symlinks=False):
-                walk(Path(e.path))
+        for child, is_folder in stores.entries(folder):
+            if is_folder:
+                walk(child)
 
-    walk(Path(path))
-    return {name: sorted(files) for name, files in found.items()}
+    walk(location(path))
+    return {name: sorted(files) for name, files in found.items()}  # type: ignore[type-var]
 
 
 def metadata_digest(path: str | os.PathLike) -> str:
     """SHA-256 of the metadata documents (``zarr.json``, ``.zarray``) of the volume at
     ``path``, found without listing chunk files; equal to hashing every such file that a
     full walk of the store finds, in that order (the fingerprint of jobs made before)."""
-    found = _metadata_files(Path(path))
+    found = _metadata_files(path)
     digest = hashlib.sha256()
     for f in found["zarr.json"] + found[".zarray"]:
-        digest.update(f.read_bytes())
+        digest.update(stores.read_bytes(f))
     return digest.hexdigest()
 
 
-def _arrays(path: Path) -> list[zarr.Array]:
+def _arrays(path: str | os.PathLike) -> list[zarr.Array]:
     """The arrays of a volume: its levels (an image) or itself (a plain array)."""
-    node = zarr.open(str(path), mode="r")
+    node = zarr.open(_store(path, "r"), mode="r")
     if isinstance(node, zarr.Array):
         return [node]
     ms, _ = _multiscales(node.attrs.asdict())
@@ -805,25 +829,22 @@ def disk_usage(path: str | os.PathLike, *, exact_up_to: int = 4096, sample: int 
     array, evenly spread, and the mean is scaled up (``estimated``). Unwritten chunks
     (the fill value) count 0.
     """
-    total = sum(f.stat().st_size for files in _metadata_files(Path(path)).values() for f in files)
+    total = sum(stores.size(f) or 0 for files in _metadata_files(path).values() for f in files)
     objects, looked, estimated = 0, 0, False
-    arrays = _arrays(Path(path))
+    arrays = _arrays(path)
     counts = []
     for arr in arrays:
         grid_chunks = arr.metadata.chunk_grid.chunk_shape if arr.metadata.zarr_format == 3 else arr.metadata.chunks
         counts.append(tuple(-(-n // c) for n, c in zip(arr.shape, grid_chunks)))
     exact = sum(math.prod(g) for g in counts) <= exact_up_to
     for arr, grid in zip(arrays, counts):
-        root = Path(arr.store_path.store.root) / arr.store_path.path
+        root = stores.join(path, arr.store_path.path) if arr.store_path.path else location(path)
         n = math.prod(grid)
         flat = range(n) if exact else np.unique(np.linspace(0, n - 1, min(n, sample)).round().astype(np.int64))
         size = 0
         for i in flat:
             key = arr.metadata.encode_chunk_key(tuple(int(v) for v in np.unravel_index(int(i), grid)))
-            try:
-                size += (root / key).stat().st_size
-            except FileNotFoundError:
-                pass
+            size += stores.size(stores.join(root, key)) or 0
         looked += len(flat)
         objects += n
         total += size if exact or len(flat) == n else round(size / len(flat) * n)
@@ -846,7 +867,7 @@ def describe(path: str | os.PathLike, *, sample_slices: int = 16, sample_window:
     window = tuple(slice(max(0, (m - sample_window) // 2), min(m, max(0, (m - sample_window) // 2) + sample_window))
                    for m in vol.shape[1:])
     sample = np.concatenate([reader((slice(int(z), int(z) + 1), *window)).ravel() for z in picks]).astype(np.float64)
-    levels = [tuple(a.shape) for a in _arrays(Path(path))] if vol.attrs["ngff_version"] else []
+    levels = [tuple(a.shape) for a in _arrays(path)] if vol.attrs["ngff_version"] else []
     usage = disk_usage(path)
     return {
         "path": str(path),

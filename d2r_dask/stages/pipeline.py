@@ -28,7 +28,9 @@ from typing import Any, Sequence
 from .. import __version__
 from ..blockwise.lock import exclusive
 from ..errors import InputError, OutputExistsError, ResumeMismatchError
+from ..io import stores
 from ..io.geometry import Box, region_of
+from ..io.stores import Location
 from ..io.volume import check_output_path, check_removable, is_complete, open_volume, prepare_output
 from .config import RunConfig, resolve_auto, upgrade_config
 
@@ -41,8 +43,10 @@ STAGES = ("restorer", "pseudo_hr", "dgean", "sr")
 
 @dataclass(frozen=True)
 class Paths:
-    lr: Path
-    output: Path
+    """The run's volumes (local paths or object-store URLs) and its work directory (always local)."""
+
+    lr: Location
+    output: Location
     workdir: Path
 
     @property
@@ -63,8 +67,10 @@ class Paths:
 
 
 def default_workdir(output: str | os.PathLike) -> Path:
-    output = Path(output)
-    return output.with_name(output.name.removesuffix(".zarr") + ".d2r-work")
+    """``SR.d2r-work`` beside a local output; in the current folder for one on an object store."""
+    output = stores.location(output)
+    name = stores.name(output).removesuffix(".zarr") + ".d2r-work"
+    return output.with_name(name) if isinstance(output, Path) else Path(name)
 
 
 def stage2_roi(shape: Sequence[int], cfg: RunConfig) -> Box:
@@ -145,18 +151,21 @@ def check_run(lr_path: str | os.PathLike, output: str | os.PathLike, cfg: RunCon
 
     check_device(cfg.device)
     cfg = resolve_auto(cfg, cfg.device)
-    paths = Paths(Path(lr_path), Path(output), Path(workdir) if workdir else default_workdir(output))
+    if workdir is not None and stores.is_remote(workdir):
+        raise InputError(f"the work directory {workdir} must be on a local or shared file system "
+                         "(the volumes may be on an object store); choose a local --workdir")
+    paths = Paths(stores.location(lr_path), stores.location(output),
+                  Path(workdir) if workdir else default_workdir(output))
     lr = open_volume(paths.lr)  # fails early, with a clear message, on a bad input
     check_output_path(paths.output, [paths.lr])
     check_output_path(paths.workdir, [paths.lr], what="work directory")
-    work, out = paths.workdir.resolve(), paths.output.resolve()
-    if work == out or out in work.parents:
+    if stores.same_or_inside(paths.workdir, paths.output, containing=False):
         raise InputError(f"the work directory {paths.workdir} would lie inside the output {paths.output}; "
                          "choose another --workdir")
     if overwrite:
         for old in (paths.workdir, paths.output):
             check_removable(old)
-    elif paths.output.exists() and is_complete(paths.output) and not paths.record.exists():
+    elif stores.exists(paths.output) and is_complete(paths.output) and not paths.record.exists():
         raise OutputExistsError(f"{paths.output} already exists; pass --overwrite to replace it")
     fit_sizes(tuple(lr.shape), cfg)
     return paths
@@ -285,7 +294,7 @@ def _run(paths: Paths, cfg: RunConfig, *, client: Any, serial: bool, overwrite: 
         record = json.loads(paths.record.read_text())
         record["config"] = upgrade_config(record.get("config", {}), warn=False)  # runs recorded before a rename
         cfg = _recorded_block(cfg, record["config"])
-        if record.get("config") != cfg.to_dict() or record.get("input") != str(paths.lr.resolve()):
+        if record.get("config") != cfg.to_dict() or record.get("input") != stores.canonical(paths.lr):
             old = record.get("config", {})
             diff = sorted(k for k in set(old) | set(cfg.to_dict()) if old.get(k) != cfg.to_dict().get(k))
             raise ResumeMismatchError(
@@ -306,7 +315,7 @@ def _run(paths: Paths, cfg: RunConfig, *, client: Any, serial: bool, overwrite: 
     paths.workdir.mkdir(parents=True, exist_ok=True)
     intensity = Intensity(**record["intensity"]) if "intensity" in record else Intensity.for_volume(lr.data)
     paths.workdir.mkdir(parents=True, exist_ok=True)  # after the first LR read (its intensity sample)
-    record.update({"input": str(paths.lr.resolve()), "output": str(paths.output.resolve()),
+    record.update({"input": stores.canonical(paths.lr), "output": stores.canonical(paths.output),
                    "config": cfg.to_dict(), "intensity": intensity.to_dict(), "versions": _versions(),
                    "plan": plan(paths.lr, cfg)})
     record.setdefault("stages", {})
