@@ -311,18 +311,11 @@ def _echo_self_check(name: str, check: dict[str, Any] | None) -> None:
 @click.option("--patch-xy", type=int, default=48)
 @click.option("--patch-lr-z", type=int, default=8, help="LR slices per patch (HR depth = this x factor).")
 @click.option("--hf-weight", type=float, default=0.5, help="Weight of the gradient (high-frequency) loss.")
-@click.option("--transverse", type=float, default=0.0, show_default=True,
-              help="Share of each batch drawn from the LR volume with y playing z (real detail; needs --lr-volume).")
-@click.option("--lr-volume", type=VOLUME, default=None, metavar="LR.zarr",
-              help="The acquired volume PSEUDO_HR was restored from (for --transverse).")
-@click.option("--lr-z0", type=int, default=0, show_default=True,
-              help="LR slice under PSEUDO_HR's first slice (when Stage II restored a region).")
 @click.option("--supervised", type=VOLUME, default=None, metavar="GT.zarr",
               help="Train on ground truth instead (the supervised upper bound); PSEUDO_HR is then ignored.")
 @_train_options
 def train_dgean_cmd(hr_volume: Location, factor: int, out: Path, mode: str, preset: str, patch_xy: int,
-                    patch_lr_z: int, hf_weight: float, transverse: float, lr_volume: Location | None, lr_z0: int,
-                    supervised: Location | None, steps: int, batch_size: int,
+                    patch_lr_z: int, hf_weight: float, supervised: Location | None, steps: int, batch_size: int,
                     learning_rate: float | None, ema: float, checkpoint_every: int, val_every: int, seed: int,
                     device: str | None, resume: bool, overwrite: bool) -> None:
     """Stage III: train DGEAN on the pseudo-HR volume (degraded along z -> original)."""
@@ -330,9 +323,8 @@ def train_dgean_cmd(hr_volume: Location, factor: int, out: Path, mode: str, pres
 
     tcfg = _train_config(steps, batch_size, learning_rate, ema, checkpoint_every, val_every, seed, device)
     dcfg = DGEANTrainConfig(factor=factor, mode=mode, preset=preset, patch_xy=patch_xy, patch_lr_z=patch_lr_z,
-                            hf_weight=hf_weight, transverse=transverse, supervised=supervised is not None)
-    summary = train_dgean(supervised or hr_volume, out, dcfg, tcfg, resume=resume, overwrite=overwrite,
-                          lr_volume=lr_volume, lr_z0=lr_z0)
+                            hf_weight=hf_weight, supervised=supervised is not None)
+    summary = train_dgean(supervised or hr_volume, out, dcfg, tcfg, resume=resume, overwrite=overwrite)
     click.echo(f"DGEAN saved to {out} ({summary['steps']} steps, {summary['seconds']:.0f} s)")
     _echo_self_check("dgean", summary.get("self_check"))
 

@@ -35,7 +35,7 @@ from d2r_dask.models.checkpoint import CONFIG, TRAIN_STATE, WEIGHTS, load_dgean,
 from d2r_dask.data.degrade import degrade_along, upsample_axis
 from d2r_dask.data.intensity import Intensity
 from d2r_dask.errors import CheckpointError, InputError, OutputExistsError
-from d2r_dask.data.patches import PatchSource, axial_pair, lateral_pair, step_rng, transverse_pair
+from d2r_dask.data.patches import PatchSource, axial_pair, lateral_pair, step_rng
 from d2r_dask.stages.train import train_dgean, train_restorer
 
 KINDS = ("restorer", "dgean")
@@ -351,36 +351,6 @@ def test_axial_pair_degrades_the_target_like_the_acquisition(mode: str) -> None:
     assert 0 < flipped < 12, "z-flips are one augmentation among others"
     with pytest.raises(InputError, match="multiple of the factor"):
         axial_pair(block[:10], 4, mode, np.random.default_rng(0))
-
-
-@pytest.mark.parametrize("mode", ["decimate", "mean"])
-def test_transverse_pair_puts_y_where_z_was_degraded(mode: str) -> None:
-    # each y-row holds its own index (plus texture < 1): the source row of every output is known
-    y = np.arange(12, dtype=np.float32)[None, :, None]
-    block = y + np.random.default_rng(2).random((5, 1, 9)).astype(np.float32) * 0.5  # (z, y, x)
-    for seed in range(6):
-        lr, hr = transverse_pair(block, 4, mode, np.random.default_rng(seed))
-        assert hr.shape == (12, 5, 9) and lr.shape == (3, 5, 9) and lr.dtype == hr.dtype == np.float32
-        rows = np.floor(hr[:, 0, 0]).astype(int)
-        assert np.all(np.abs(np.diff(rows)) == 1), "hr's first axis must be the block's y"
-        np.testing.assert_array_equal(lr, degrade_along(hr, 4, axis=0, mode=mode))
-        # the other two axes are the block's z and x, each flipped or not
-        np.testing.assert_array_equal(np.sort(hr[0].ravel()), np.sort(block[:, rows[0]].ravel()))
-    with pytest.raises(InputError, match="multiple of the factor"):
-        transverse_pair(block[:, :10], 4, mode, np.random.default_rng(0))
-
-
-def test_dgean_trains_on_a_share_of_real_lr_pairs(tmp_path: Path) -> None:
-    lr = write(tmp_path / "lr.zarr", synth_array((10, 32, 32), seed=11))
-    hr = write(tmp_path / "hr.zarr", synth_array((40, 32, 32), seed=6), voxel_size=(10.0, 10.0, 10.0))
-    cfg = {"factor": 4, "transverse": 0.5}
-    summary = train_run("dgean", hr, tmp_path / "d", cfg=cfg, lr_volume=lr)
-    assert np.isfinite(summary["val_psnr"])
-    assert json.loads((tmp_path / "d" / "config.json").read_text())["transverse"]["share"] == 0.5
-    with pytest.raises(InputError, match="needs the LR volume"):
-        train_run("dgean", hr, tmp_path / "e", cfg=cfg)
-    with pytest.raises(InputError, match="fewer than"):
-        train_run("dgean", hr, tmp_path / "f", cfg=cfg, lr_volume=lr, lr_z0=5)
 
 
 def test_patch_source_starts_on_the_acquisition_grid(tmp_path: Path) -> None:

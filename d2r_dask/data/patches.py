@@ -12,10 +12,6 @@ would. Pair construction is pure numpy, testable without any store:
   acquisition grid (:meth:`PatchSource.read` with ``z_align``) and z-flips keep it, so the
   network's inputs are the *acquired* slices of the pseudo-HR, as at inference, never
   slices the restorer synthesised in between.
-* Stage III, real data (:func:`transverse_pair`): a block of the *LR* volume with y playing
-  z, degraded along y like the acquisition degrades z. Every voxel of its target was
-  measured, so these pairs teach DGEAN what the restorer cannot: real detail, as the lateral
-  pairs of Stage I do.
 """
 
 from __future__ import annotations
@@ -124,22 +120,3 @@ def axial_pair(block: np.ndarray, factor: int, mode: str, rng: np.random.Generat
     hr = augment_3d(block[start : start + depth], rng)
     lr = degrade_along(hr, factor, axis=0, mode=mode).astype(np.float32)
     return lr, hr.astype(np.float32)
-
-
-def transverse_pair(block: np.ndarray, factor: int, mode: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Stage III pair ``(lr, hr)`` from a ``(Z, D·s, P)`` block of the LR volume: y plays z.
-
-    ``hr`` is the block as ``(D·s, Z, P)`` (y first), randomly flipped along each axis; ``lr``
-    is ``hr`` degraded along its first axis like the acquisition degrades z. Every row of y
-    was measured, so any start is on the grid. The second axis is the LR volume's z: coarser
-    than the y DGEAN sees there at inference, which is why these pairs are only a share of
-    each batch.
-    """
-    if block.shape[1] % factor:
-        raise InputError(f"block rows {block.shape[1]} must be a multiple of the factor {factor}")
-    hr = block.transpose(1, 0, 2)
-    for axis in range(3):
-        if rng.integers(2):
-            hr = np.flip(hr, axis)
-    hr = np.ascontiguousarray(hr, dtype=np.float32)
-    return degrade_along(hr, factor, axis=0, mode=mode).astype(np.float32), hr

@@ -73,7 +73,6 @@ class DGEANStage:
     batch_size: int = 4
     lr: float | None = None
     hf_weight: float = 0.5
-    transverse: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -364,10 +364,10 @@ def _run(paths: Paths, cfg: RunConfig, *, client: Any, serial: bool, overwrite: 
     stage("dgean", _training_done(paths.dgean, d.steps), lambda: train_dgean(
         paths.pseudo_hr, paths.dgean,
         DGEANTrainConfig(factor=cfg.factor, mode=cfg.mode, preset=d.preset, patch_xy=sizes.dgean_patch_xy,
-                         patch_lr_z=sizes.dgean_patch_lr_z, hf_weight=d.hf_weight, transverse=d.transverse),
+                         patch_lr_z=sizes.dgean_patch_lr_z, hf_weight=d.hf_weight),
         TrainConfig(steps=d.steps, batch_size=d.batch_size, lr=d.lr, seed=cfg.seed, device=cfg.device,
                     checkpoint_every=max(1, d.steps // 6), val_every=max(1, d.steps // 4)),
-        resume=True, progress=progress, intensity=intensity, lr_volume=paths.lr, lr_z0=sizes.roi.start[0]))
+        resume=True, progress=progress, intensity=intensity))
     trained("dgean", paths.dgean)
     stage("sr", is_complete(paths.output), lambda: infer(
         paths.lr, paths.output, paths.dgean, block=cfg.infer.block, group=cfg.infer.group, tta=cfg.infer.tta,

@@ -31,7 +31,7 @@ import torch
 
 from .. import __version__
 from ..data.intensity import Intensity
-from ..data.patches import PatchSource, axial_pair, lateral_pair, step_rng, transverse_pair
+from ..data.patches import PatchSource, axial_pair, lateral_pair, step_rng
 from ..errors import CheckpointError, InputError, OutputExistsError
 from ..evaluation.selfcheck import read_self_check
 from ..io.files import atomic_write
@@ -421,11 +421,7 @@ def _psnr01(pred: np.ndarray, target: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class DGEANTrainConfig:
-    """What Stage III trains: DGEAN preset, factor, degradation mode, patch, loss weights.
-
-    ``transverse``: the share of each batch drawn from the LR volume with y playing z
-    (:func:`~d2r_dask.data.patches.transverse_pair`; needs ``lr_volume`` in :func:`train_dgean`).
-    """
+    """What Stage III trains: DGEAN preset, factor, degradation mode, patch, loss weights."""
 
     factor: int
     mode: str = "decimate"
@@ -435,15 +431,12 @@ class DGEANTrainConfig:
     hf_weight: float = 0.5
     fourier_weight: float = 0.0
     supervised: bool = False
-    transverse: float = 0.0
 
     def __post_init__(self) -> None:
         check_factor(self.factor)
         check_mode(self.mode)
         if self.patch_xy < 8 or self.patch_lr_z < 2:
             raise InputError("DGEAN patches need >= 8 voxels in xy and >= 2 LR slices")
-        if not 0 <= self.transverse < 1:
-            raise InputError(f"transverse share {self.transverse} must be in [0, 1)")
 
 
 def train_dgean(
@@ -457,16 +450,11 @@ def train_dgean(
     progress: bool = True,
     z_range: tuple[int, int] | None = None,
     intensity: Any = None,
-    lr_volume: str | os.PathLike | None = None,
-    lr_z0: int = 0,
 ) -> dict[str, Any]:
     """Stage III: train DGEAN on (degraded, original) 3D patches of an (pseudo-)HR volume.
 
     ``z_range`` limits the HR slices used (e.g. to keep a ground-truth evaluation
     region out of supervised training); its last tenth is held out for validation.
-    ``lr_volume`` (the acquired volume, on the LR grid of ``hr_volume``) supplies the
-    ``dcfg.transverse`` share of each batch, from the LR slices under the training range
-    (``lr_z0``: the LR slice under the first slice of ``hr_volume``, when that is a region).
     """
     from ..data.degrade import upsample_axis
     from ..evaluation.metrics import ssim
@@ -502,24 +490,14 @@ def train_dgean(
                          f"attention window; use --patch-lr-z >= {net_cfg.ca_pool}")
     model = DGEAN(net_cfg)
     device = pick_device(tcfg.device)
-    n_transverse = round(tcfg.batch_size * dcfg.transverse)
-    transverse = _transverse_source(lr_volume, lr_z0, source, s, (n_transverse, depth, size), net_cfg.ca_pool)
 
     def batch(src: PatchSource, rng: np.random.Generator, n: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
         pairs = [axial_pair(src.read(rng, (d + s, size, size), z_align=s), s, dcfg.mode, rng) for _ in range(n)]
         return _stack_pairs(pairs, device)  # (lr, hr)
 
     def loss_fn(net: torch.nn.Module, step: int) -> torch.Tensor:
-        lr, hr = batch(source, step_rng(tcfg.seed, step), tcfg.batch_size - n_transverse, depth)
-        loss = hf_loss(net(lr).float(), hr, weight=dcfg.hf_weight, fourier_weight=dcfg.fourier_weight)
-        if transverse is None:
-            return loss
-        rng = step_rng(tcfg.seed, step, stream=2)
-        thick = min(size, transverse.z_range[1] - transverse.z_range[0])
-        lr, hr = _stack_pairs([transverse_pair(transverse.read(rng, (thick, depth, size)), s, dcfg.mode, rng)
-                               for _ in range(n_transverse)], device)
-        extra = hf_loss(net(lr).float(), hr, weight=dcfg.hf_weight, fourier_weight=dcfg.fourier_weight)
-        return (loss * (tcfg.batch_size - n_transverse) + extra * n_transverse) / tcfg.batch_size
+        lr, hr = batch(source, step_rng(tcfg.seed, step), tcfg.batch_size, depth)
+        return hf_loss(net(lr).float(), hr, weight=dcfg.hf_weight, fourier_weight=dcfg.fourier_weight)
 
     val_lr, val_hr = batch(val_source, step_rng(tcfg.seed, 0, stream=1), max(1, tcfg.val_patches // 2), val_depth)
     out = Path(out)
@@ -548,33 +526,12 @@ def train_dgean(
         "patch": [depth, size, size],
         "loss": {"l1": 1.0, "gradient": dcfg.hf_weight, "fourier": dcfg.fourier_weight},
         "supervised": dcfg.supervised,
-        "transverse": {"share": n_transverse / tcfg.batch_size, "source": str(lr_volume)} if transverse else None,
         "intensity": source.intensity.to_dict(),
         "source": str(hr_volume),
         "z_range": [z0, z1],
     }
     return fit(model, loss_fn, cfg=tcfg, out=out, checkpoint_config=config, validate=validate, resume=resume,
                overwrite=overwrite, progress=progress)
-
-
-def _transverse_source(lr_volume: str | os.PathLike | None, lr_z0: int, source: PatchSource, factor: int,
-                       patch: tuple[int, int, int], window: int) -> PatchSource | None:
-    """The LR slices under ``source``'s training range (whole y and x), for ``patch[0]``
-    transverse pairs a step; None when there are none. The held-out slices stay unseen."""
-    n, depth, size = patch
-    if n == 0:
-        return None
-    if lr_volume is None:
-        raise InputError("a transverse share needs the LR volume (lr_volume=...); or set transverse=0")
-    lo, hi = source.z_range
-    z_range = (lr_z0 - (-lo // factor), lr_z0 + hi // factor)
-    probe = PatchSource(lr_volume, intensity=source.intensity)
-    if z_range[1] > probe.shape[0]:
-        raise InputError(f"{lr_volume} has {probe.shape[0]} slices, fewer than the {z_range[1]} under "
-                         f"{source.path} at factor {factor} from LR slice {lr_z0}; pass the volume it was restored from")
-    lr = PatchSource(lr_volume, z_range=z_range, intensity=source.intensity)
-    lr.check_fits((window, depth, size), "transverse", fix="use transverse=0 or a larger volume")
-    return lr
 
 
 def _save_panels(path: Path, rows: list[np.ndarray], titles: list[str]) -> None:
