@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,6 +26,7 @@ from d2r_testkit import (
 
 from d2r_dask.errors import OutputExistsError
 from d2r_dask.models.checkpoint import CONFIG, read_weights
+from d2r_dask.stages import remote
 from d2r_dask.stages.remote import train_on_cluster
 from d2r_dask.stages.train import train_dgean, train_restorer
 
@@ -99,6 +101,35 @@ def test_training_stops_when_the_client_stops_waiting(client: Any, tmp_path: Pat
     assert 2 <= stopped_at < 500
     time.sleep(1)
     assert json.loads((out / CONFIG).read_text())["step"] == stopped_at, "still training"
+
+
+def test_losing_the_pinned_worker_is_a_clear_error(client: Any, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A training pinned to its (GPU) worker waits for no other: when that worker dies, the
+    client says so instead of waiting forever; the last checkpoint stays."""
+    import distributed
+
+    from d2r_dask.errors import WorkerLostError
+
+    lr = write(tmp_path / "lr.zarr", synth_array((12, 40, 40), seed=5))
+    out = tmp_path / "model"
+    address = sorted(client.scheduler_info()["workers"])[0]
+    monkeypatch.setattr(remote, "training_worker", lambda c: ({"workers": [address], "allow_other_workers": False},
+                                                              "cuda"))
+    monkeypatch.setattr(remote, "LOST_CHECK_SECONDS", 0.2)
+    pid = client.run(os.getpid, workers=[address])[address]
+
+    def kill_after_the_first_checkpoint(future: Any, timeout: float) -> None:
+        time.sleep(timeout)
+        if (out / CONFIG).exists() and address in client.scheduler_info()["workers"]:
+            os.kill(pid, signal.SIGKILL)  # the worker process dies
+
+    monkeypatch.setattr(distributed, "wait", kill_after_the_first_checkpoint)
+    with pytest.raises(WorkerLostError, match=f"the worker {address} training {out} left the cluster .* rerun"):
+        train_on_cluster(client, train_restorer, lr, out, tiny_restorer_cfg(),
+                         tiny_train(steps=500, checkpoint_every=2, val_every=1000), progress=False)
+    assert 2 <= json.loads((out / CONFIG).read_text())["step"] < 500
+    client.wait_for_workers(2, timeout=60)  # the nanny restarts it, under another address
 
 
 def test_train_command_with_a_scheduler_trains_on_its_worker(client: Any, tmp_path: Path, cli_run: Any) -> None:

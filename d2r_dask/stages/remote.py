@@ -21,6 +21,9 @@ the client process dies, its connection is lost and the scheduler drops it), the
 cancels the task and the training stops at the end of its current step; the last
 checkpoint stays, and a rerun resumes from it. It does not outlive its client on purpose:
 a rerun takes over the work directory's lock, and two trainers must never write one folder.
+If the GPU worker it is pinned to leaves the cluster, the client raises
+:class:`~d2r_dask.errors.WorkerLostError` (rerun to resume); a task that may go to any
+worker is retried by Dask on another one.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5
 """How often the client reads the training's progress."""
+LOST_CHECK_SECONDS = 5.0
+"""How often the client checks that the worker a training is pinned to is still there."""
 REPORT_SECONDS = 1.0
 """How often the worker publishes it (and at every validation and at the end)."""
 
@@ -86,10 +91,14 @@ def train_on_cluster(client: Any, trainer: Callable[..., dict[str, Any]], *args:
     client.subscribe_topic(topic, lambda event: events.put(event[1]))  # called in the client's event loop
     future = client.submit(_train_here, trainer, args, kwargs, topic, pure=False, key=topic, **options)
     bar = tqdm(desc=f"train {out.name} (cluster)", unit="step", disable=not progress)
+    checked = time.monotonic()
     try:
         while True:
             with contextlib.suppress(TimeoutError):
                 wait(future, timeout=POLL_SECONDS)
+            if options.get("workers") and time.monotonic() - checked > LOST_CHECK_SECONDS and not future.done():
+                _check_worker(client, options["workers"][0], out, bar.n)
+                checked = time.monotonic()
             while not events.empty():
                 state = events.get()
                 bar.total, bar.n = state["steps"], state["step"]
@@ -108,6 +117,20 @@ def train_on_cluster(client: Any, trainer: Callable[..., dict[str, Any]], *args:
             future.cancel()  # Ctrl-C here: stop the training there (it stops after its current step)
         with contextlib.suppress(Exception):
             client.unsubscribe_topic(topic)
+
+
+def _check_worker(client: Any, address: str, out: Path, step: int) -> None:
+    """Raise :class:`WorkerLostError` if the worker at ``address`` left the cluster: the task,
+    pinned to it, would wait for it forever (a restarted worker has another address)."""
+    from ..errors import WorkerLostError
+
+    if not client.run_on_scheduler(_has_worker, address):
+        raise WorkerLostError(f"the worker {address} training {out} left the cluster (about step {step}); the last "
+                              f"checkpoint in {out} stays: rerun the command to resume from it")
+
+
+def _has_worker(address: str, dask_scheduler: Any = None) -> bool:
+    return address in dask_scheduler.workers
 
 
 def _train_here(trainer: Callable[..., dict[str, Any]], args: tuple[Any, ...], kwargs: dict[str, Any],

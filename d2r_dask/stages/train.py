@@ -363,6 +363,7 @@ def train_restorer(
     from ..models.sde import IRSDE, SDEConfig
 
     tcfg = _with_default_lr(tcfg, default_restorer_lr(rcfg))
+    device = pick_device(tcfg.device)  # first: a missing GPU is refused before any read
     check_output_path(out, [lr_volume], containing=False)
     source, val_source = _sources(lr_volume, intensity=intensity)
     side = min(source.shape[1], source.shape[2])
@@ -377,7 +378,6 @@ def train_restorer(
     torch.manual_seed(tcfg.seed)
     net_cfg = nafnet_config(rcfg.preset)
     model = ConditionalNAFNet(net_cfg)
-    device = pick_device(tcfg.device)
 
     batches = LateralBatches(source, rcfg.patch, rcfg.factor, rcfg.mode)  # (x0, mu)
 
@@ -493,6 +493,7 @@ def train_dgean(
     from ..models.losses import hf_loss
 
     tcfg = _with_default_lr(tcfg, DGEAN_LR)
+    device = pick_device(tcfg.device)  # first: a missing GPU is refused before any read
     check_output_path(out, [hr_volume], containing=False)
     s = dcfg.factor
     depth = dcfg.patch_lr_z * s
@@ -520,7 +521,6 @@ def train_dgean(
         raise InputError(f"patch of {dcfg.patch_lr_z} LR slices is thinner than DGEAN's {net_cfg.ca_pool}-slice "
                          f"attention window; use --patch-lr-z >= {net_cfg.ca_pool}")
     model = DGEAN(net_cfg)
-    device = pick_device(tcfg.device)
 
     batches = AxialBatches(source, depth, size, s, dcfg.mode)  # (lr, hr)
 
