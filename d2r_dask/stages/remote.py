@@ -91,24 +91,28 @@ def train_on_cluster(client: Any, trainer: Callable[..., dict[str, Any]], *args:
     client.subscribe_topic(topic, lambda event: events.put(event[1]))  # called in the client's event loop
     future = client.submit(_train_here, trainer, args, kwargs, topic, pure=False, key=topic, **options)
     bar = tqdm(desc=f"train {out.name} (cluster)", unit="step", disable=not progress)
+
+    def show(state: Mapping[str, Any]) -> None:
+        bar.total, bar.n = state["steps"], state["step"]
+        bar.set_postfix(loss=f"{state['loss']:.4g}")
+        for row in state["rows"]:
+            log.info("%s step %d: %s", out.name, row["step"],
+                     ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step"))
+
     checked = time.monotonic()
     try:
-        while True:
+        while not future.done():
             with contextlib.suppress(TimeoutError):
                 wait(future, timeout=POLL_SECONDS)
             if options.get("workers") and time.monotonic() - checked > LOST_CHECK_SECONDS and not future.done():
                 _check_worker(client, options["workers"][0], out, bar.n)
                 checked = time.monotonic()
             while not events.empty():
-                state = events.get()
-                bar.total, bar.n = state["steps"], state["step"]
-                bar.set_postfix(loss=f"{state['loss']:.4g}")
-                for row in state["rows"]:
-                    log.info("%s step %d: %s", out.name, row["step"],
-                             ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step"))
-            if future.done():
-                break
+                show(events.get())
         summary = future.result()  # the worker's exception, as it was raised there
+        with contextlib.suppress(queue.Empty):  # the last progress may arrive after the result
+            while bar.n < summary["steps"]:
+                show(events.get(timeout=2 * POLL_SECONDS))
         log.info("trained %s on worker %s (pid %d)", out, summary["worker"], summary["pid"])
         return summary
     finally:
