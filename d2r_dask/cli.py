@@ -224,6 +224,12 @@ def _client(scheduler: str | None, workers: int | None, serial: bool) -> Iterato
         yield client
 
 
+_LOADER_WORKERS = click.option(
+    "--loader-workers", type=int, default=None,
+    help="Processes drawing training batches ahead [default: 0 on a CPU, up to 4 on a GPU]; the trained "
+         "weights are the same for any number.")
+
+
 def _train_options(f: Any) -> Any:
     for opt in reversed([
         click.option("--steps", type=int, default=2000, help="Training steps."),
@@ -236,6 +242,11 @@ def _train_options(f: Any) -> Any:
         click.option("--val-every", type=int, default=250),
         click.option("--seed", type=int, default=0),
         click.option("--device", default=None, help="cpu, cuda, cuda:1 [default: a GPU if present]."),
+        _LOADER_WORKERS,
+        click.option("--scheduler", default=None, metavar="ADDRESS",
+                     help="Train on one worker (a GPU one if any) of this running Dask scheduler "
+                          "(tcp://host:8786) instead of in this process; --out must be on a filesystem the "
+                          "workers share."),
         click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out."),
         _overwrite_option,
     ]):
@@ -244,12 +255,27 @@ def _train_options(f: Any) -> Any:
 
 
 def _train_config(steps: int, batch_size: int, learning_rate: float | None, ema: float, checkpoint_every: int,
-                  val_every: int, seed: int, device: str | None) -> Any:
+                  val_every: int, seed: int, device: str | None, loader_workers: int | None) -> Any:
     from .stages.train import TrainConfig
 
     _at_least(1, steps=steps, batch_size=batch_size, checkpoint_every=checkpoint_every, val_every=val_every)
+    _at_least(0, loader_workers=loader_workers)
     return TrainConfig(steps=steps, batch_size=batch_size, lr=learning_rate, ema=ema,
-                       checkpoint_every=checkpoint_every, val_every=val_every, seed=seed, device=device)
+                       checkpoint_every=checkpoint_every, val_every=val_every, seed=seed, device=device,
+                       loader_workers=loader_workers)
+
+
+def _train(trainer: Any, scheduler: str | None, *args: Any, **kw: Any) -> dict[str, Any]:
+    """``trainer(*args, **kw)`` here, or on a worker of the Dask scheduler at ``scheduler``."""
+    if scheduler is None:
+        return trainer(*args, **kw)
+    from .blockwise.cluster import connect
+    from .stages.remote import train_on_cluster
+
+    _check_cluster(scheduler, None, False)
+    with connect(scheduler) as client:
+        click.echo(f"dask dashboard: {client.dashboard_link}", err=True)
+        return train_on_cluster(client, trainer, *args, **kw)
 
 
 @cli.command("train-restorer")
@@ -271,7 +297,8 @@ def _train_config(steps: int, batch_size: int, learning_rate: float | None, ema:
 def train_restorer_cmd(lr_volume: Location, factor: int, out: Path, mode: str, preset: str, patch: int, recipe: str,
                        sampler: str | None, sampler_steps: int | None, steps: int, batch_size: int,
                        learning_rate: float | None, ema: float, checkpoint_every: int, val_every: int, seed: int,
-                       device: str | None, resume: bool, overwrite: bool) -> None:
+                       device: str | None, loader_workers: int | None, scheduler: str | None, resume: bool,
+                       overwrite: bool) -> None:
     """Stage I: train the diffusion restorer on XY patches of LR_VOLUME.
 
     Every validation scores the restorer on held-out XY patches degraded like z, next to
@@ -282,8 +309,9 @@ def train_restorer_cmd(lr_volume: Location, factor: int, out: Path, mode: str, p
 
     rcfg = RestorerConfig(factor=factor, mode=mode, preset=preset, patch=patch, recipe=recipe, sampler=sampler,
                           sampler_steps=sampler_steps)
-    tcfg = _train_config(steps, batch_size, learning_rate, ema, checkpoint_every, val_every, seed, device)
-    summary = train_restorer(lr_volume, out, rcfg, tcfg, resume=resume, overwrite=overwrite)
+    tcfg = _train_config(steps, batch_size, learning_rate, ema, checkpoint_every, val_every, seed, device,
+                         loader_workers)
+    summary = _train(train_restorer, scheduler, lr_volume, out, rcfg, tcfg, resume=resume, overwrite=overwrite)
     click.echo(f"restorer saved to {out} ({summary['steps']} steps, {summary['seconds']:.0f} s)")
     _echo_self_check("restorer", summary.get("self_check"))
 
@@ -317,14 +345,17 @@ def _echo_self_check(name: str, check: dict[str, Any] | None) -> None:
 def train_dgean_cmd(hr_volume: Location, factor: int, out: Path, mode: str, preset: str, patch_xy: int,
                     patch_lr_z: int, hf_weight: float, supervised: Location | None, steps: int, batch_size: int,
                     learning_rate: float | None, ema: float, checkpoint_every: int, val_every: int, seed: int,
-                    device: str | None, resume: bool, overwrite: bool) -> None:
+                    device: str | None, loader_workers: int | None, scheduler: str | None, resume: bool,
+                    overwrite: bool) -> None:
     """Stage III: train DGEAN on the pseudo-HR volume (degraded along z -> original)."""
     from .stages.train import DGEANTrainConfig, train_dgean
 
-    tcfg = _train_config(steps, batch_size, learning_rate, ema, checkpoint_every, val_every, seed, device)
+    tcfg = _train_config(steps, batch_size, learning_rate, ema, checkpoint_every, val_every, seed, device,
+                         loader_workers)
     dcfg = DGEANTrainConfig(factor=factor, mode=mode, preset=preset, patch_xy=patch_xy, patch_lr_z=patch_lr_z,
                             hf_weight=hf_weight, supervised=supervised is not None)
-    summary = train_dgean(supervised or hr_volume, out, dcfg, tcfg, resume=resume, overwrite=overwrite)
+    summary = _train(train_dgean, scheduler, supervised or hr_volume, out, dcfg, tcfg, resume=resume,
+                     overwrite=overwrite)
     click.echo(f"DGEAN saved to {out} ({summary['steps']} steps, {summary['seconds']:.0f} s)")
     _echo_self_check("dgean", summary.get("self_check"))
 
@@ -494,7 +525,9 @@ def _run_overrides(factor: int | None, mode: str | None, seed: int | None, devic
 @roi_option
 @click.option("--tta", is_flag=True, help="Stage IV test-time averaging (8x slower).")
 @click.option("--seed", type=int, default=None)
-@click.option("--device", default=None, help="Training device [default: a GPU if present].")
+@click.option("--device", default=None,
+              help="Training device [default: a GPU if present; with --scheduler, on the worker that trains].")
+@_LOADER_WORKERS
 @click.option("--dry-run", is_flag=True,
               help="Check every argument, print the plan (stages, blocks, network evaluations) and stop.")
 @cluster_options
@@ -503,8 +536,8 @@ def _run_overrides(factor: int | None, mode: str | None, seed: int | None, devic
 def run(lr_volume: Location, output: Location, factor: int | None, mode: str | None, config_file: Path | None,
         workdir: Path | None, restorer_steps: int | None, dgean_steps: int | None, restorer_preset: str | None,
         dgean_preset: str | None, roi: tuple[int, ...] | None, tta: bool, seed: int | None, device: str | None,
-        dry_run: bool, scheduler: str | None, workers: int | None, serial: bool, levels: int,
-        overwrite: bool) -> None:
+        loader_workers: int | None, dry_run: bool, scheduler: str | None, workers: int | None, serial: bool,
+        levels: int, overwrite: bool) -> None:
     """Run Stages I-IV on LR_VOLUME and write SR; a rerun resumes where it stopped.
 
     \b
@@ -512,6 +545,10 @@ def run(lr_volume: Location, output: Location, factor: int | None, mode: str | N
     Stage II  restore XZ/YZ slices of (a region of) LR_VOLUME -> pseudo-HR
     Stage III train DGEAN on the pseudo-HR degraded along z
     Stage IV  DGEAN over all of LR_VOLUME, blockwise -> SR
+
+    Stages II and IV run on the cluster. With --scheduler, Stages I and III train on one of
+    its workers (a GPU one if any) rather than in this process, so the work directory must
+    be on a filesystem the workers share; without it they train in this process.
     """
     from .errors import InputError
     from .stages.config import RunConfig, load_config_file, merge
@@ -523,14 +560,17 @@ def run(lr_volume: Location, output: Location, factor: int | None, mode: str | N
     if "factor" not in merged:
         raise InputError("the axial factor is missing: give --factor (or factor: in --config)")
     cfg = RunConfig.from_dict(merged)
-    check_run(lr_volume, output, cfg, workdir=workdir, overwrite=overwrite)  # all of it, before any work
+    remote = scheduler is not None and not serial
+    _at_least(0, loader_workers=loader_workers)
+    check_run(lr_volume, output, cfg, workdir=workdir, overwrite=overwrite, device_here=not remote)  # before any work
     _check_cluster(scheduler, workers, serial)
     if dry_run:
         click.echo(json.dumps(plan(lr_volume, cfg), indent=2, default=str))
         return
     with _client(scheduler, workers, serial) as client:
         record = run_pipeline(lr_volume, output, cfg, workdir=workdir, client=client, serial=serial,
-                              overwrite=overwrite, levels=levels)
+                              overwrite=overwrite, levels=levels, train_on_cluster=remote,
+                              loader_workers=loader_workers)
     for name, entry in record["stages"].items():
         click.echo(f"  {name:10s} {entry['status']:8s} {entry['seconds']:8.1f} s")
     for name in ("restorer", "dgean"):

@@ -38,6 +38,10 @@ class ChunkReadError(D2RError):
     """A stored chunk cannot be read (corrupt, truncated or unreadable file); names store, array and chunk."""
 
 
+class WorkerLostError(D2RError):
+    """The cluster worker a training ran on left the cluster (the message says how to resume)."""
+
+
 class LockedError(D2RError):
     """Another live d2r run holds the output or work directory (the message names it)."""
 

@@ -150,6 +150,23 @@ def test_run_writes_sr_and_a_record(reference: dict[str, Any], lr: Path) -> None
     assert json.loads((work / "dgean" / "config.json").read_text())["step"] == 4
 
 
+def test_run_with_a_client_trains_on_a_worker(reference: dict[str, Any], lr: Path, tmp_path: Path) -> None:
+    """With a client, Stages I and III train on a cluster worker (recorded in run.json), and
+    the SR equals the serial run's bit for bit (two workers: one torch thread each, as here)."""
+    from distributed import Client, LocalCluster
+
+    out = tmp_path / "sr.zarr"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      memory_limit="2GiB") as cluster, Client(cluster) as client:
+        record = run(lr, out, tiny_config(), client=client, progress=False, levels=1, loader_workers=1)
+        workers = set(client.scheduler_info()["workers"])
+    for name in ("restorer", "dgean"):
+        assert record["stages"][name]["worker"] in workers, name
+        assert "worker" not in reference["record"]["stages"][name]  # the serial run trained here
+    assert record["config"] == reference["record"]["config"]
+    np.testing.assert_array_equal(open_volume(out).values, reference["sr"])
+
+
 def test_rerun_with_another_config_is_refused(reference: dict[str, Any], lr: Path) -> None:
     record = default_workdir(reference["out"]) / "run.json"
     before = record.read_bytes()

@@ -366,32 +366,96 @@ def test_patch_source_starts_on_the_acquisition_grid(tmp_path: Path) -> None:
                                                                                  z_align=4)
 
 
-def test_patch_source_reads_one_patch_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_patch_source_reads_the_chunks_a_patch_touches_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each patch is a box of the volume assembled from the chunks it touches, read straight
+    from Zarr (no Dask), each chunk decoded once while it stays in the source's cache."""
     data = synth_array((12, 40, 40), seed=8)
     path = write(tmp_path / "v.zarr", data, chunks=(4, 8, 8))
-    source = PatchSource(path, intensity=Intensity(0.0, 255.0))
-    requested: list[int] = []
+    requested: list[tuple[int, ...]] = []
     real_getitem = zarr.Array.__getitem__
 
     def spy(self: Any, selection: Any) -> Any:
         out = real_getitem(self, selection)
-        requested.append(int(np.asarray(out).size))
+        requested.append(tuple(s.start // c for s, c in zip(selection, (4, 8, 8))))
+        assert out.shape == (4, 8, 8), "a read that is not one whole chunk"
         return out
 
     monkeypatch.setattr(zarr.Array, "__getitem__", spy)
     patch, chunks = (3, 16, 24), (4, 8, 8)
+    source = PatchSource(path, intensity=Intensity(0.0, 255.0))
+    seen: set[tuple[int, ...]] = set()
     for step in range(5):
         requested.clear()
         block = source.read(step_rng(0, step), patch)
         assert block.shape == patch and block.dtype == np.float32
-        # where the patch lies (read() draws z0, y0, x0 in this order) and the chunks it touches
-        rng = step_rng(0, step)
+        rng = step_rng(0, step)  # where the patch lies (read() draws z0, y0, x0 in this order)
         start = [int(rng.integers(0, n - p + 1)) for n, p in zip(data.shape, patch)]
-        touched = np.prod([-(-(a + p) // c) - a // c for a, p, c in zip(start, patch, chunks)]) * np.prod(chunks)
-        assert sum(requested) == touched < data.size, f"read {sum(requested)} voxels for one patch"
-        # the patch is a box of the volume, in unit intensities
-        assert any(np.allclose(block * 255, data[z:z + 3, y:y + 16, x:x + 24], atol=1e-3)
-                   for z in range(10) for y in range(25) for x in range(17))
+        np.testing.assert_allclose(block * 255, data[tuple(slice(a, a + p) for a, p in zip(start, patch))], atol=1e-3)
+        touched = {tuple(idx) for idx in np.ndindex(*[-(-(a + p) // c) - a // c for a, p, c in zip(start, patch, chunks)])}
+        touched = {tuple(i + a // c for i, a, c in zip(idx, start, chunks)) for idx in touched}
+        assert set(requested) == touched - seen and len(requested) == len(set(requested))
+        seen |= touched
+    assert source.reader.decoded == len(seen) < 3 * 5 * 5
+
+    small = PatchSource(path, intensity=Intensity(0.0, 255.0), cache_bytes=2 * 4 * 8 * 8)  # room for two chunks
+    requested.clear()
+    for _ in range(2):
+        small.read(step_rng(0, 0), (4, 8, 16))  # three chunks per patch at most: the cache cannot hold them
+    assert len(requested) > len(set(requested)), "an evicted chunk must be read again"
+
+
+def test_volume_reader_cache_gives_the_stored_boxes(tmp_path: Path) -> None:
+    """Boxes through the chunk cache equal Zarr's, on uneven chunks and on a 4D array stored
+    (x, c, z, y); a pickled reader (a loader process's copy) starts with an empty cache."""
+    import pickle
+
+    from d2r_dask.io.volume import open_reader
+
+    data = synth_array((13, 21, 19), seed=2)
+    path = write(tmp_path / "v.zarr", data, chunks=(5, 8, 7))
+    four = tmp_path / "cz.zarr"
+    arr = zarr.create_array(four, shape=(19, 1, 13, 21), chunks=(5, 1, 4, 9), dtype="uint8",
+                            dimension_names=("x", "c", "z", "y"))
+    arr[:] = data.transpose(2, 0, 1)[:, None]
+    g = np.random.default_rng(0)
+    for store, expected in ((path, data), (four, data)):
+        reader = open_reader(store, cache_bytes=1 << 20)
+        for _ in range(20):
+            a = [int(g.integers(0, n)) for n in expected.shape]
+            b = [int(g.integers(x + 1, n + 1)) for x, n in zip(a, expected.shape)]
+            box = tuple(slice(x, y) for x, y in zip(a, b))
+            np.testing.assert_array_equal(reader(box), expected[box])
+        assert reader.decoded > 0
+        copy = pickle.loads(pickle.dumps(reader))
+        assert copy.decoded == 0 and not copy._chunks
+        np.testing.assert_array_equal(copy((slice(0, 13), slice(0, 21), slice(0, 19))), expected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_loader_workers_do_not_change_training(kind: str, tmp_path: Path, models: dict[str, Path]) -> None:
+    """Two loader processes drawing batches ahead train the same weights, metrics and
+    validation as drawing them in the training process (the session's model, 0 workers)."""
+    out = tmp_path / "two-loaders"
+    root = models[kind].parent
+    data = root / ("lr.zarr" if kind == "restorer" else "hr.zarr")
+    assert json.loads((models[kind] / CONFIG).read_text())["train"]["loader_workers"] is None  # 0 on a CPU
+    train_run(kind, data, out, tcfg={"loader_workers": 2, "prefetch": 3})
+    wa, wb = read_weights(models[kind]), read_weights(out)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), "weights differ"
+    assert rows(out / "metrics.csv") == rows(models[kind] / "metrics.csv")
+
+
+def test_loader_batches_are_the_steps_batches_in_order() -> None:
+    """Item i of the loader is step start+i's batch, whichever process drew it."""
+    from d2r_dask.stages.loader import step_loader
+
+    def batches(rng: np.random.Generator, n: int) -> tuple[np.ndarray]:
+        return (rng.random((n, 3)).astype(np.float32),)
+
+    expected = [batches(step_rng(7, k), 2)[0] for k in range(3, 9)]
+    for workers in (0, 2):
+        got = [b[0].numpy() for b in step_loader(batches, seed=7, batch_size=2, start=3, steps=9, workers=workers)]
+        assert len(got) == 6 and all(np.array_equal(g, e) for g, e in zip(got, expected)), workers
 
 
 def test_patch_larger_than_the_volume_is_a_clear_error(tmp_path: Path) -> None:

@@ -1,8 +1,11 @@
 """Training patches: read at random from a stored volume, augment, and degrade into pairs.
 
-The volume is never loaded whole: each patch is a small Zarr read. Draws are keyed
-by ``(seed, step)`` so a resumed run sees exactly the batches an uninterrupted one
-would. Pair construction is pure numpy, testable without any store:
+The volume is never loaded whole: each patch is assembled from the Zarr chunks it touches,
+read straight from the store (no Dask graph per patch) through a small per-process cache of
+decoded chunks (:data:`CHUNK_CACHE_BYTES`), so patches that share chunks decode them once.
+Draws are keyed by ``(seed, step)`` so a resumed run sees exactly the batches an
+uninterrupted one would, whichever process draws them. Pair construction is pure numpy,
+testable without any store:
 
 * Stage I  (:func:`lateral_pair`): an XY patch, flipped/rotated, degraded along
   its rows like z was acquired, and the condition ``mu`` = that degraded patch
@@ -12,17 +15,21 @@ would. Pair construction is pure numpy, testable without any store:
   acquisition grid (:meth:`PatchSource.read` with ``z_align``) and z-flips keep it, so the
   network's inputs are the *acquired* slices of the pseudo-HR, as at inference, never
   slices the restorer synthesised in between.
+
+:class:`LateralBatches` and :class:`AxialBatches` turn ``(rng, n)`` into a batch of ``n``
+such pairs; they are picklable, so data-loader processes can draw batches in parallel.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from ..errors import InputError
-from ..io.volume import open_volume
+from ..io.volume import open_reader, open_volume
 from .degrade import degrade_along, upsample_axis
 from .intensity import Intensity
 
@@ -32,14 +39,22 @@ def step_rng(seed: int, step: int, stream: int = 0) -> np.random.Generator:
     return np.random.default_rng([seed, step, stream])
 
 
+CHUNK_CACHE_BYTES = 128 << 20
+"""Decoded chunks each process keeps per patch source (a data-loader worker is one process)."""
+
+
 class PatchSource:
-    """Random patches of a stored volume, in unit intensities, from a z-range of it."""
+    """Random patches of a stored volume, in unit intensities, from a z-range of it.
+
+    Picklable: a copy in another process reads through its own chunk cache.
+    """
 
     def __init__(self, path: str | os.PathLike, *, z_range: tuple[int, int] | None = None,
-                 intensity: Intensity | None = None) -> None:
+                 intensity: Intensity | None = None, cache_bytes: int = CHUNK_CACHE_BYTES) -> None:
         vol = open_volume(path)
         self.path = str(path)
-        self.data = vol.data
+        self.data = vol.data  # lazy: the intensity sample and callers that want the whole volume
+        self.reader = open_reader(path, cache_bytes=cache_bytes)
         self.geometry = vol.attrs
         self.shape: tuple[int, int, int] = tuple(vol.shape)  # type: ignore[assignment]
         self.z_range = z_range or (0, self.shape[0])
@@ -68,8 +83,8 @@ class PatchSource:
         z0 = first + z_align * rng.integers(0, n_starts)
         y0 = rng.integers(0, self.shape[1] - patch[1] + 1)
         x0 = rng.integers(0, self.shape[2] - patch[2] + 1)
-        block = self.data[z0 : z0 + patch[0], y0 : y0 + patch[1], x0 : x0 + patch[2]]
-        return self.intensity.to_unit(block.compute(scheduler="synchronous"))
+        block = self.reader((slice(z0, z0 + patch[0]), slice(y0, y0 + patch[1]), slice(x0, x0 + patch[2])))
+        return self.intensity.to_unit(block)
 
 
 def augment_2d(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -120,3 +135,40 @@ def axial_pair(block: np.ndarray, factor: int, mode: str, rng: np.random.Generat
     hr = augment_3d(block[start : start + depth], rng)
     lr = degrade_along(hr, factor, axis=0, mode=mode).astype(np.float32)
     return lr, hr.astype(np.float32)
+
+
+def stack_pairs(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The first and the second members of ``pairs``, each stacked as ``(N, 1, ...)`` float32."""
+    return tuple(np.ascontiguousarray(np.stack([p[i] for p in pairs])[:, None], dtype=np.float32)
+                 for i in (0, 1))  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class LateralBatches:
+    """Stage I batches ``(x0, mu)``, each ``(n, 1, P, P)``: :func:`lateral_pair` of XY patches."""
+
+    source: PatchSource
+    patch: int
+    factor: int
+    mode: str
+
+    def __call__(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        return stack_pairs([lateral_pair(self.source.read(rng, (1, self.patch, self.patch))[0], self.factor,
+                                         self.mode, rng) for _ in range(n)])
+
+
+@dataclass(frozen=True)
+class AxialBatches:
+    """Stage III batches ``(lr, hr)``, ``hr`` of ``(n, 1, depth, size, size)``: :func:`axial_pair`
+    of blocks one LR period deeper, starting on the acquisition grid."""
+
+    source: PatchSource
+    depth: int
+    size: int
+    factor: int
+    mode: str
+
+    def __call__(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        s = self.factor
+        return stack_pairs([axial_pair(self.source.read(rng, (self.depth + s, self.size, self.size), z_align=s),
+                                       s, self.mode, rng) for _ in range(n)])

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -361,22 +362,71 @@ class VolumeReader:
     The eager counterpart of :func:`open_volume` for workers that read many small
     boxes: no Dask graph per read (a graph costs milliseconds; a small Zarr read
     about as much as the chunks it touches). Picklable.
+
+    With ``cache_bytes`` it keeps up to that many bytes of decoded chunks (least recently
+    used dropped first) and assembles each box from them, so boxes that share chunks, like
+    training patches drawn again and again from one volume, decode each chunk once. The
+    cache belongs to one process and one thread: it is not pickled (a copy sent to another
+    process starts empty) and not locked.
     """
 
-    def __init__(self, located: _Located) -> None:
+    def __init__(self, located: _Located, *, cache_bytes: int = 0) -> None:
         self._loc = located
         self.shape = located.shape
         self.dtype = located.dtype
+        self.cache_bytes = int(cache_bytes)
+        self._chunks: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
+        self._held = 0
+        self.decoded = 0  # chunks this process decoded through the cache (tests, benchmarks)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_chunks": OrderedDict(), "_held": 0, "decoded": 0}
 
     def __call__(self, slices: Sequence[slice]) -> np.ndarray:
         """The data inside ``slices`` (one per axis z, y, x; steps of 1, inside the volume)."""
-        data = np.asarray(self._loc.checked[self._loc.index(tuple(slices))]).transpose(self._loc.order)
-        return data.astype(self.dtype, copy=False)
+        selection = self._loc.index(tuple(slices))
+        data = self._assemble(selection) if self.cache_bytes > 0 else np.asarray(self._loc.checked[selection])
+        return data.transpose(self._loc.order).astype(self.dtype, copy=False)
+
+    def _assemble(self, selection: tuple[Any, ...]) -> np.ndarray:
+        """``selection`` (storage order: slices, and ints on non-spatial axes) from cached chunks."""
+        array = self._loc.array
+        sel = [s if isinstance(s, int) else slice(*s.indices(n)[:2]) for s, n in zip(selection, array.shape)]
+        out = np.empty([s.stop - s.start for s in sel if isinstance(s, slice)], dtype=array.dtype)
+        grid = [range(s // c, s // c + 1) if isinstance(s, int) else range(s.start // c, -(-s.stop // c))
+                for s, c in zip(sel, array.chunks)]
+        for idx in itertools.product(*grid):
+            chunk, src, dst = self._chunk(idx), [], []
+            for s, i, c in zip(sel, idx, array.chunks):
+                if isinstance(s, int):
+                    src.append(s - i * c)
+                    continue
+                a, b = max(s.start, i * c), min(s.stop, (i + 1) * c)
+                src.append(slice(a - i * c, b - i * c))
+                dst.append(slice(a - s.start, b - s.start))
+            out[tuple(dst)] = chunk[tuple(src)]
+        return out
+
+    def _chunk(self, idx: tuple[int, ...]) -> np.ndarray:
+        """Chunk ``idx`` of the array (grid index, storage order), decoded once while cached."""
+        if idx in self._chunks:
+            self._chunks.move_to_end(idx)
+            return self._chunks[idx]
+        array = self._loc.array
+        box = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(idx, array.chunks, array.shape))
+        chunk = np.asarray(self._loc.checked[box])
+        self.decoded += 1
+        self._chunks[idx] = chunk
+        self._held += chunk.nbytes
+        while self._held > self.cache_bytes and len(self._chunks) > 1:
+            self._held -= self._chunks.popitem(last=False)[1].nbytes
+        return chunk
 
 
-def open_reader(path: str | os.PathLike, *, level: int = 0) -> VolumeReader:
-    """A :class:`VolumeReader` for the volume :func:`open_volume` would open (same axes, dtype)."""
-    return VolumeReader(_locate(location(path), level, None))
+def open_reader(path: str | os.PathLike, *, level: int = 0, cache_bytes: int = 0) -> VolumeReader:
+    """A :class:`VolumeReader` for the volume :func:`open_volume` would open (same axes, dtype);
+    ``cache_bytes``: how many bytes of decoded chunks it may keep (0: none)."""
+    return VolumeReader(_locate(location(path), level, None), cache_bytes=cache_bytes)
 
 
 def as_dataarray(

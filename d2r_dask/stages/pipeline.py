@@ -12,6 +12,10 @@ timing of each stage. A rerun skips finished stages and resumes the first
 unfinished one where it stopped (training from its last checkpoint, blockwise
 stages at their first unfinished chunk); a rerun with a different configuration
 is refused rather than mixing results.
+
+With a Dask client, Stages I and III train on one cluster worker (a GPU one if there is
+one; :mod:`.remote`), which writes their checkpoints into the work directory: it must be on
+a filesystem the client and the workers share.
 """
 
 from __future__ import annotations
@@ -140,16 +144,18 @@ def fit_sizes(shape: Sequence[int], cfg: RunConfig) -> Sizes:
 
 
 def check_run(lr_path: str | os.PathLike, output: str | os.PathLike, cfg: RunConfig, *,
-              workdir: str | os.PathLike | None = None, overwrite: bool = False) -> Paths:
+              workdir: str | os.PathLike | None = None, overwrite: bool = False,
+              device_here: bool = True) -> Paths:
     """Validate a run before any work (``--dry-run`` too); write nothing, return its paths.
 
-    The device must exist; the LR volume must open; the output and the work directory must
+    The device must exist (on this machine if ``device_here``; else, training on a cluster
+    worker, its name must be valid and the worker checks the rest); the LR volume must open; the output and the work directory must
     not be, hold or lie inside the LR volume, nor the work directory lie inside the output;
     with ``overwrite`` both must be d2r's to delete; presets and minimum sizes per :func:`fit_sizes`.
     """
     from .train import check_device
 
-    check_device(cfg.device)
+    check_device(cfg.device, here=device_here)
     cfg = resolve_auto(cfg, cfg.device)
     if workdir is not None and stores.is_remote(workdir):
         raise InputError(f"the work directory {workdir} must be on a local or shared file system "
@@ -262,26 +268,44 @@ def run(
     overwrite: bool = False,
     progress: bool = True,
     levels: int = 3,
+    train_on_cluster: bool | None = None,
+    loader_workers: int | None = None,
 ) -> dict[str, Any]:
     """Run Stages I-IV (resuming where a previous run stopped); return the run record.
 
-    ``auto`` presets and unset steps are resolved for the device first (:func:`resolve_auto`);
+    Stages II and IV run on ``client`` (else the default client, else here; see
+    :func:`~d2r_dask.blockwise.cluster.resolve_client`). Stages I and III train on one worker
+    of ``client``'s cluster when ``train_on_cluster`` (None: when a ``client`` is given and not
+    ``serial``), else in this process; ``loader_workers`` processes draw their batches
+    (None: :func:`~.loader.default_loader_workers`; the result is the same for any number).
+
+    ``auto`` presets and unset steps are resolved for the training device first (:func:`resolve_auto`);
     the record holds the resolved configuration, the intensity mapping measured once on the
     LR volume, and each training stage's self-check (``self_check``: the model against
     interpolation on held-out patches degraded like z). Everything is validated before any
     work (:func:`check_run`); the run holds the locks of its work directory and its output,
     so a second run on either is refused while this one lives.
     """
-    cfg = resolve_auto(cfg, cfg.device)
-    paths = check_run(lr_path, output, cfg, workdir=workdir, overwrite=overwrite)
+    remote = client is not None and not serial and (train_on_cluster is None or train_on_cluster)
+    if train_on_cluster and not remote:
+        raise InputError("training on the cluster needs a Dask client (client=) and serial=False")
+    device = cfg.device
+    if remote and device is None:
+        from .remote import training_worker
+
+        device = training_worker(client)[1]  # auto presets for the worker that trains, not for this machine
+    cfg = resolve_auto(cfg, device)
+    paths = check_run(lr_path, output, cfg, workdir=workdir, overwrite=overwrite, device_here=not remote)
     with exclusive(paths.workdir, what="work directory"), exclusive(paths.output):
-        return _run(paths, cfg, client=client, serial=serial, overwrite=overwrite, progress=progress, levels=levels)
+        return _run(paths, cfg, client=client, serial=serial, overwrite=overwrite, progress=progress, levels=levels,
+                    remote=remote, loader_workers=loader_workers)
 
 
 def _run(paths: Paths, cfg: RunConfig, *, client: Any, serial: bool, overwrite: bool, progress: bool,
-         levels: int) -> dict[str, Any]:
+         levels: int, remote: bool, loader_workers: int | None) -> dict[str, Any]:
     """:func:`run` after validation, holding the locks."""
     from .infer import infer
+    from .remote import train_on_cluster
     from .restore import restore
     from .train import DGEANTrainConfig, TrainConfig, train_dgean, train_restorer
     from ..data.intensity import Intensity
@@ -350,24 +374,34 @@ def _run(paths: Paths, cfg: RunConfig, *, client: Any, serial: bool, overwrite: 
                 record["warnings"].append(msg)
         write_json(paths.record, record)
 
+    def train(name: str, trainer: Any, *args: Any, **kw: Any) -> None:
+        """Train here, or on a cluster worker (recorded in run.json)."""
+        if not remote:
+            trainer(*args, progress=progress, **kw)
+            return
+        summary = train_on_cluster(client, trainer, *args, progress=progress, **kw)
+        record["stages"][name]["worker"] = summary["worker"]
+
     r, d = cfg.restorer, cfg.dgean
     rcfg = replace(_restorer_config(cfg), patch=sizes.restorer_patch)
-    stage("restorer", _training_done(paths.restorer, r.steps), lambda: train_restorer(
-        paths.lr, paths.restorer, rcfg,
-        TrainConfig(steps=r.steps, batch_size=r.batch_size, lr=r.lr, seed=cfg.seed,
-                    device=cfg.device, checkpoint_every=max(1, r.steps // 6), val_every=max(1, r.steps // 4)),
-        resume=True, progress=progress, intensity=intensity))
+    stage("restorer", _training_done(paths.restorer, r.steps), lambda: train(
+        "restorer", train_restorer, paths.lr, paths.restorer, rcfg,
+        TrainConfig(steps=r.steps, batch_size=r.batch_size, lr=r.lr, seed=cfg.seed, device=cfg.device,
+                    checkpoint_every=max(1, r.steps // 6), val_every=max(1, r.steps // 4),
+                    loader_workers=loader_workers),
+        resume=True, intensity=intensity))
     trained("restorer", paths.restorer)
     stage("pseudo_hr", is_complete(paths.pseudo_hr), lambda: restore(
         paths.lr, paths.pseudo_hr, paths.restorer, roi=sizes.roi, block=cfg.restore.block, halo=cfg.restore.halo,
         seed=cfg.seed, slice_batch=cfg.restore.slice_batch, client=client, serial=serial, progress=progress))
-    stage("dgean", _training_done(paths.dgean, d.steps), lambda: train_dgean(
-        paths.pseudo_hr, paths.dgean,
+    stage("dgean", _training_done(paths.dgean, d.steps), lambda: train(
+        "dgean", train_dgean, paths.pseudo_hr, paths.dgean,
         DGEANTrainConfig(factor=cfg.factor, mode=cfg.mode, preset=d.preset, patch_xy=sizes.dgean_patch_xy,
                          patch_lr_z=sizes.dgean_patch_lr_z, hf_weight=d.hf_weight),
         TrainConfig(steps=d.steps, batch_size=d.batch_size, lr=d.lr, seed=cfg.seed, device=cfg.device,
-                    checkpoint_every=max(1, d.steps // 6), val_every=max(1, d.steps // 4)),
-        resume=True, progress=progress, intensity=intensity))
+                    checkpoint_every=max(1, d.steps // 6), val_every=max(1, d.steps // 4),
+                    loader_workers=loader_workers),
+        resume=True, intensity=intensity))
     trained("dgean", paths.dgean)
     stage("sr", is_complete(paths.output), lambda: infer(
         paths.lr, paths.output, paths.dgean, block=cfg.infer.block, group=cfg.infer.group, tta=cfg.infer.tta,

@@ -1,9 +1,11 @@
 """Training: one loop for both networks, and the Stage I / Stage III trainers on top of it.
 
 :func:`fit` is the loop (AdamW, cosine decay, EMA, bf16 autocast on GPU, progress,
-validation log, atomic checkpoints, ``resume``). Everything random in a step is
+validation log, atomic checkpoints, ``resume``). Its batches come from a data loader
+(:mod:`.loader`: drawn ahead, in worker processes). Everything random in a step is
 keyed by ``(seed, step)``, and the optimiser, scheduler and EMA are checkpointed,
-so a resumed run ends with the same weights as an uninterrupted one.
+so a resumed run ends with the same weights as an uninterrupted one, with any number
+of loader workers.
 
 * :func:`train_restorer` — Stage I: the IR-SDE + conditional NAFNet restorer on XY
   patches of the LR volume, degraded along one in-plane axis.
@@ -11,7 +13,8 @@ so a resumed run ends with the same weights as an uninterrupted one.
   (or of ground truth with ``supervised``), degraded along z like the acquisition.
 
 Both trainers stay beside the loop they share (the patch sources, validation and
-checkpoint configs differ only in what they hold).
+checkpoint configs differ only in what they hold). With a Dask client they run on a
+cluster worker instead (:mod:`.remote`).
 """
 
 from __future__ import annotations
@@ -31,20 +34,26 @@ import torch
 
 from .. import __version__
 from ..data.intensity import Intensity
-from ..data.patches import PatchSource, axial_pair, lateral_pair, step_rng
+from ..data.patches import AxialBatches, LateralBatches, PatchSource, step_rng
 from ..errors import CheckpointError, InputError, OutputExistsError
 from ..evaluation.selfcheck import read_self_check
 from ..io.files import atomic_write
 from ..io.geometry import check_factor, check_mode
 from ..io.volume import check_output_path
 from ..models.checkpoint import TRAIN_STATE, read_config, read_train_state, save_checkpoint
+from .loader import Batches, step_loader
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings shared by both trainers (saved in every checkpoint)."""
+    """Optimisation settings shared by both trainers (saved in every checkpoint).
+
+    ``loader_workers``: processes drawing training batches ahead (None: 0 on a CPU, up to 4
+    on a GPU; :func:`~.loader.default_loader_workers`), ``prefetch`` batches each. They
+    change the speed, never the result.
+    """
 
     steps: int = 2000
     batch_size: int = 4
@@ -58,27 +67,33 @@ class TrainConfig:
     seed: int = 0
     amp: bool = True
     device: str | None = None
+    loader_workers: int | None = None
+    prefetch: int = 2
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1 or self.val_every < 1:
             raise InputError("steps, batch size, checkpoint and validation intervals must be >= 1")
+        if (self.loader_workers is not None and self.loader_workers < 0) or self.prefetch < 1:
+            raise InputError(f"--loader-workers must be >= 0 (got {self.loader_workers}) and prefetch >= 1 "
+                             f"(got {self.prefetch})")
         if not 0 <= self.ema < 1 or (self.lr is not None and self.lr <= 0):
             raise InputError("need 0 <= ema < 1 and lr > 0")
-        check_device(self.device)
+        check_device(self.device, here=False)  # its GPU is checked where training runs (pick_device)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def check_device(device: str | None) -> None:
-    """Refuse a device torch does not know, or a GPU this machine does not have (None: pick one)."""
+def check_device(device: str | None, *, here: bool = True) -> None:
+    """Refuse a device torch does not know, or (``here``) a GPU this machine does not have
+    (None: pick one). ``here=False`` checks the name only: for a device on a cluster worker."""
     if device is None:
         return
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise InputError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from exc
-    if dev.type == "cuda":
+    if dev.type == "cuda" and here:
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (dev.index or 0) >= n:
             raise InputError(f"--device {device}: this machine has {n} CUDA GPU(s); "
@@ -86,7 +101,8 @@ def check_device(device: str | None) -> None:
 
 
 def pick_device(device: str | None = None) -> torch.device:
-    """``device`` if given, else the first GPU, else the CPU."""
+    """``device`` if given (and present, :func:`check_device`), else the current GPU, else the CPU."""
+    check_device(device)
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
@@ -98,14 +114,16 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
             e.copy_(b)
 
 
-LossFn = Callable[[torch.nn.Module, int], torch.Tensor]
+LossFn = Callable[[torch.nn.Module, tuple[torch.Tensor, ...], int], torch.Tensor]
 ValidateFn = Callable[[torch.nn.Module, int], Mapping[str, float]]
+ReportFn = Callable[[Mapping[str, Any]], None]
 
 
 def fit(
     model: torch.nn.Module,
     loss_fn: LossFn,
     *,
+    batches: Batches,
     cfg: TrainConfig,
     out: str | os.PathLike,
     checkpoint_config: Mapping[str, Any],
@@ -113,12 +131,16 @@ def fit(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    report: ReportFn | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` for ``cfg.steps`` steps of ``loss_fn(model, step)``; return a summary.
+    """Train ``model`` for ``cfg.steps`` steps of ``loss_fn(model, batch, step)``; return a summary.
 
-    Checkpoints (EMA weights + ``checkpoint_config``) go to ``out`` every
-    ``cfg.checkpoint_every`` steps and at the end; validation metrics are appended
-    to ``out/metrics.csv``. ``resume`` continues from ``out/train_state.pt``.
+    Step ``k``'s batch is ``batches(step_rng(cfg.seed, k), cfg.batch_size)``, drawn by the
+    data loader (:func:`~.loader.step_loader`) and moved to the device. Checkpoints (EMA
+    weights + ``checkpoint_config``) go to ``out`` every ``cfg.checkpoint_every`` steps and
+    at the end; validation metrics are appended to ``out/metrics.csv``. ``resume`` continues
+    from ``out/train_state.pt``. ``report``, if given, receives the progress after every step:
+    ``step``, ``steps``, ``loss`` and the validation rows this call has written (``rows``).
     """
     out = Path(out)
     device = pick_device(cfg.device)
@@ -177,27 +199,37 @@ def fit(
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {out.name}", unit="step", disable=not progress)
     if start >= cfg.steps:  # killed while writing the last checkpoint: finish writing it
         checkpoint(start)
-    for step in range(start, cfg.steps):
-        model.train()
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss = loss_fn(model, step)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        _ema_update(ema, model, min(cfg.ema, (1 + step) / (10 + step)))  # warm-up: early EMA follows the model
-        losses = [*losses[1 - keep:], float(loss.detach())]
-        bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4g}")
-        done = step + 1
-        if validate is not None and (done % cfg.val_every == 0 or done == cfg.steps):
-            row = {"step": done, "train_loss": float(np.mean(losses[-cfg.val_every:])), **validate(ema, done)}
-            _append_row(metrics_path, row)
-            log.info("step %d: %s", done, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step"))
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            checkpoint(done)
+    rows: list[dict[str, Any]] = []  # the validation rows this call writes
+    loader = step_loader(batches, seed=cfg.seed, batch_size=cfg.batch_size, start=start, steps=cfg.steps,
+                         workers=cfg.loader_workers, prefetch=cfg.prefetch, device=device)
+    try:
+        for step, batch in zip(range(start, cfg.steps), loader):
+            batch = tuple(t.to(device, non_blocking=True) for t in batch)
+            model.train()
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss = loss_fn(model, batch, step)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            _ema_update(ema, model, min(cfg.ema, (1 + step) / (10 + step)))  # warm-up: early EMA follows the model
+            losses = [*losses[1 - keep:], float(loss.detach())]
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4g}")
+            done = step + 1
+            if validate is not None and (done % cfg.val_every == 0 or done == cfg.steps):
+                row = {"step": done, "train_loss": float(np.mean(losses[-cfg.val_every:])), **validate(ema, done)}
+                _append_row(metrics_path, row)
+                rows.append(row)
+                log.info("step %d: %s", done, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step"))
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                checkpoint(done)
+            if report is not None:
+                report({"step": done, "steps": cfg.steps, "loss": float(np.mean(losses[-50:])), "rows": rows})
+    finally:
+        loader.close()  # stops the loader's processes, however the loop ended
     bar.close()
     check = read_self_check(out)
     if check is not None and not check["beats_interpolation"]:
@@ -229,10 +261,9 @@ def _truncate_log(path: Path, step: int) -> None:
             _append_row(path, row)
 
 
-def _stack_pairs(pairs: list[tuple[np.ndarray, np.ndarray]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first and the second members of ``pairs`` as ``(N, 1, ...)`` tensors on ``device``."""
-    first, second = (torch.from_numpy(np.stack([p[i] for p in pairs])[:, None]).to(device) for i in (0, 1))
-    return first, second
+def _on(device: torch.device, arrays: tuple[np.ndarray, ...]) -> tuple[torch.Tensor, ...]:
+    """``arrays`` as tensors on ``device``."""
+    return tuple(torch.from_numpy(a).to(device) for a in arrays)
 
 
 def _validation_split(n_slices: int, fraction: float = 0.1, min_slices: int = 1,
@@ -318,6 +349,7 @@ def train_restorer(
     overwrite: bool = False,
     progress: bool = True,
     intensity: Intensity | None = None,
+    report: ReportFn | None = None,
 ) -> dict[str, Any]:
     """Stage I: train the restorer on XY patches of the LR volume (never loaded whole).
 
@@ -331,6 +363,7 @@ def train_restorer(
     from ..models.sde import IRSDE, SDEConfig
 
     tcfg = _with_default_lr(tcfg, default_restorer_lr(rcfg))
+    device = pick_device(tcfg.device)  # first: a missing GPU is refused before any read
     check_output_path(out, [lr_volume], containing=False)
     source, val_source = _sources(lr_volume, intensity=intensity)
     side = min(source.shape[1], source.shape[2])
@@ -345,19 +378,16 @@ def train_restorer(
     torch.manual_seed(tcfg.seed)
     net_cfg = nafnet_config(rcfg.preset)
     model = ConditionalNAFNet(net_cfg)
-    device = pick_device(tcfg.device)
 
-    def batch(src: PatchSource, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        pairs = [lateral_pair(src.read(rng, (1, rcfg.patch, rcfg.patch))[0], rcfg.factor, rcfg.mode, rng)
-                 for _ in range(n)]
-        return _stack_pairs(pairs, device)  # (x0, mu)
+    batches = LateralBatches(source, rcfg.patch, rcfg.factor, rcfg.mode)  # (x0, mu)
 
-    def loss_fn(net: torch.nn.Module, step: int) -> torch.Tensor:
-        x0, mu = batch(source, step_rng(tcfg.seed, step), tcfg.batch_size)
+    def loss_fn(net: torch.nn.Module, batch: tuple[torch.Tensor, ...], step: int) -> torch.Tensor:
+        x0, mu = batch
         gen = torch.Generator(device=device).manual_seed(tcfg.seed * 1_000_003 + step)
         return sde.training_loss(net, x0, mu, generator=gen, train_times=train_times)
 
-    val_x0, val_mu = batch(val_source, step_rng(tcfg.seed, 0, stream=1), tcfg.val_patches)
+    val_x0, val_mu = _on(device, LateralBatches(val_source, rcfg.patch, rcfg.factor, rcfg.mode)(
+        step_rng(tcfg.seed, 0, stream=1), tcfg.val_patches))
     target, cond = val_x0.cpu().numpy()[:, 0], val_mu.cpu().numpy()[:, 0]
     linear = upsample_axis(degrade_along(target, rcfg.factor, axis=1, mode=rcfg.mode), rcfg.factor, axis=1,
                            mode=rcfg.mode, method="linear", length=target.shape[1])
@@ -388,8 +418,8 @@ def train_restorer(
         "intensity": source.intensity.to_dict(),
         "source": str(lr_volume),
     }
-    return fit(model, loss_fn, cfg=tcfg, out=out, checkpoint_config=config, validate=validate, resume=resume,
-               overwrite=overwrite, progress=progress)
+    return fit(model, loss_fn, batches=batches, cfg=tcfg, out=out, checkpoint_config=config, validate=validate,
+               resume=resume, overwrite=overwrite, progress=progress, report=report)
 
 
 DGEAN_LR = 1e-3
@@ -450,6 +480,7 @@ def train_dgean(
     progress: bool = True,
     z_range: tuple[int, int] | None = None,
     intensity: Any = None,
+    report: ReportFn | None = None,
 ) -> dict[str, Any]:
     """Stage III: train DGEAN on (degraded, original) 3D patches of an (pseudo-)HR volume.
 
@@ -462,6 +493,7 @@ def train_dgean(
     from ..models.losses import hf_loss
 
     tcfg = _with_default_lr(tcfg, DGEAN_LR)
+    device = pick_device(tcfg.device)  # first: a missing GPU is refused before any read
     check_output_path(out, [hr_volume], containing=False)
     s = dcfg.factor
     depth = dcfg.patch_lr_z * s
@@ -489,17 +521,15 @@ def train_dgean(
         raise InputError(f"patch of {dcfg.patch_lr_z} LR slices is thinner than DGEAN's {net_cfg.ca_pool}-slice "
                          f"attention window; use --patch-lr-z >= {net_cfg.ca_pool}")
     model = DGEAN(net_cfg)
-    device = pick_device(tcfg.device)
 
-    def batch(src: PatchSource, rng: np.random.Generator, n: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-        pairs = [axial_pair(src.read(rng, (d + s, size, size), z_align=s), s, dcfg.mode, rng) for _ in range(n)]
-        return _stack_pairs(pairs, device)  # (lr, hr)
+    batches = AxialBatches(source, depth, size, s, dcfg.mode)  # (lr, hr)
 
-    def loss_fn(net: torch.nn.Module, step: int) -> torch.Tensor:
-        lr, hr = batch(source, step_rng(tcfg.seed, step), tcfg.batch_size, depth)
+    def loss_fn(net: torch.nn.Module, batch: tuple[torch.Tensor, ...], step: int) -> torch.Tensor:
+        lr, hr = batch
         return hf_loss(net(lr).float(), hr, weight=dcfg.hf_weight, fourier_weight=dcfg.fourier_weight)
 
-    val_lr, val_hr = batch(val_source, step_rng(tcfg.seed, 0, stream=1), max(1, tcfg.val_patches // 2), val_depth)
+    val_lr, val_hr = _on(device, AxialBatches(val_source, val_depth, size, s, dcfg.mode)(
+        step_rng(tcfg.seed, 0, stream=1), max(1, tcfg.val_patches // 2)))
     out = Path(out)
 
     def validate(ema: torch.nn.Module, step: int) -> dict[str, float]:
@@ -530,8 +560,8 @@ def train_dgean(
         "source": str(hr_volume),
         "z_range": [z0, z1],
     }
-    return fit(model, loss_fn, cfg=tcfg, out=out, checkpoint_config=config, validate=validate, resume=resume,
-               overwrite=overwrite, progress=progress)
+    return fit(model, loss_fn, batches=batches, cfg=tcfg, out=out, checkpoint_config=config, validate=validate,
+               resume=resume, overwrite=overwrite, progress=progress, report=report)
 
 
 def _save_panels(path: Path, rows: list[np.ndarray], titles: list[str]) -> None:
