@@ -59,6 +59,14 @@ def _set_option(cfg: dict[str, Any], item: str) -> None:
     node[leaf] = value
 
 
+def _previous(json_path: Path) -> dict[int, Any]:
+    """The factors an earlier run of this script left in ``json_path`` (its current format only)."""
+    try:
+        return {r["factor"]: r for r in json.loads(json_path.read_text()).get("factors", []) if "results" in r}
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
 def run_factor(args: argparse.Namespace, s: int, gt: Path) -> dict[str, Any]:
     from d2r_dask.data.degrade import AxialDegradation, degrade_volume
     from d2r_dask.evaluation.evaluate import evaluate
@@ -186,15 +194,10 @@ def main() -> None:
         "factors": [],
     }
     json_path = args.out / f"quality_fib25{args.tag}.json"
-    previous: dict[int, Any] = {}
-    if json_path.exists():  # keep factors run earlier (e.g. x4 and x8 in separate invocations)
-        try:
-            previous = {r["factor"]: r for r in json.loads(json_path.read_text()).get("factors", [])
-                        if "results" in r}  # records of this script's current format only
-        except (ValueError, KeyError):
-            previous = {}
     for s in args.factors:
-        previous[s] = run_factor(args, s, gt)
+        record = run_factor(args, s, gt)
+        previous = _previous(json_path)  # read now: another invocation may have added a factor meanwhile
+        previous[s] = record
         payload["factors"] = [previous[k] for k in sorted(previous)]
         payload["load_average_at_end"] = list(os.getloadavg())
         json_path.write_text(json.dumps(payload, indent=1, default=str) + "\n")

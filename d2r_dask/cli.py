@@ -235,8 +235,8 @@ def _train_options(f: Any) -> Any:
         click.option("--steps", type=int, default=2000, help="Training steps."),
         click.option("--batch-size", type=int, default=4),
         click.option("--lr", "learning_rate", type=float, default=None,
-                     help="AdamW learning rate [default: the recipe's and preset's, see `default_restorer_lr`; "
-                          "1e-3 for DGEAN]."),
+                     help="AdamW learning rate [default: the recipe's and preset's, see `default_restorer_lr` "
+                          "and `default_dgean_lr`]."),
         click.option("--ema", type=float, default=0.995, help="EMA decay of the saved weights."),
         click.option("--checkpoint-every", type=int, default=250),
         click.option("--val-every", type=int, default=250),

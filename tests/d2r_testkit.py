@@ -8,9 +8,14 @@ models for the tests that need real training output.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import textwrap
+import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pytest
@@ -48,6 +53,34 @@ def tiny_dgean_cfg(factor: int = 4, mode: str = "decimate", **overrides: Any) ->
     from d2r_dask.stages.train import DGEANTrainConfig
 
     return DGEANTrainConfig(**{"factor": factor, "mode": mode, "patch_xy": 16, "patch_lr_z": 3, **overrides})
+
+
+def slowed_engine_script(body: str, pause: float) -> str:
+    """A Python script that runs ``body`` with every engine task slowed by ``pause`` seconds,
+    so a test can kill it midway (the values it writes are unchanged)."""
+    return "\n".join([
+        "import sys, time",
+        "from d2r_dask.blockwise import scheduler",
+        "real = scheduler.run_group",
+        "def slow(job, phase, gid):",
+        f"    time.sleep({pause})",
+        "    return real(job, phase, gid)",
+        "scheduler.run_group = slow",
+        textwrap.dedent(body),
+    ])
+
+
+def kill_after(proc: "subprocess.Popen[bytes]", n_done: Callable[[], int], at_least: int, timeout: float) -> None:
+    """``kill -9`` ``proc`` once ``n_done()`` reaches ``at_least`` (fails if it ends first)."""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and proc.poll() is None and n_done() < at_least:
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()}"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def synth_array(shape: Sequence[int], seed: int = 0) -> np.ndarray:

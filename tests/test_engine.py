@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -31,6 +30,8 @@ from d2r_dask.io.geometry import Box, Geometry
 from d2r_dask.blockwise.processors import ModelSpec, load_processor
 from d2r_dask.evaluation.seams import seam_ratio
 from d2r_dask.io.volume import open_reader, open_volume, output_array, write_volume
+
+from d2r_testkit import kill_after, slowed_engine_script
 
 RF = (2, 2, 2)  # receptive field of the default conv3d test model (depth 2, kernel 3)
 SHAPE = (11, 13, 17)  # primes: no block shape below divides it
@@ -426,15 +427,7 @@ def _n_done(done: Path, phase: str) -> int:
 
 
 _SLOW_JOB = """
-import sys, time
-from d2r_dask.blockwise import scheduler
 from d2r_dask.blockwise.processors import ModelSpec
-
-real = scheduler.run_group
-def slow(job, phase, gid):
-    time.sleep(0.05)  # slows the run so the test can kill it midway; values are unchanged
-    return real(job, phase, gid)
-scheduler.run_group = slow
 scheduler.run_blockwise(sys.argv[1], sys.argv[2], ModelSpec("conv3d", options={"scale_z": 2}), block=(3, 4, 4),
                         halo=(2, 2, 2), scale=(2, 1, 1), serial=True, progress=False)
 """
@@ -446,21 +439,11 @@ def test_resume_after_kill_9(tmp_path: Path, volume: tuple[Path, np.ndarray]) ->
     kw: dict[str, Any] = dict(block=(3, 4, 4), halo=RF, scale=(2, 1, 1), serial=True, progress=False)
     reference = result(run_blockwise(path, tmp_path / "ref.zarr", conv(2), **kw))
     script = tmp_path / "job.py"
-    script.write_text(textwrap.dedent(_SLOW_JOB))
+    script.write_text(slowed_engine_script(_SLOW_JOB, 0.05))
     out = tmp_path / "out.zarr"
     proc = subprocess.Popen([sys.executable, str(script), str(path), str(out)], stderr=subprocess.PIPE)
     done = out / ".d2r" / "done"
-    deadline = time.monotonic() + 60
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if _n_done(done, "write") >= 10:
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, f"the job ended before it could be killed: {proc.stderr.read().decode()}"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_after(proc, lambda: _n_done(done, "write"), 10, timeout=60)
     n_done = _n_done(done, "write")
     assert 10 <= n_done < 4 * 4 * 5
     with pytest.raises(IncompleteVolumeError):

@@ -9,12 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
-import textwrap
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -22,7 +19,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pytest
 from conftest import assert_cli_error, assert_cli_ok, random_volume
-from d2r_testkit import ORIGIN, S, VOXEL, dgean_checkpoint, synth_array, write
+from d2r_testkit import ORIGIN, S, VOXEL, dgean_checkpoint, kill_after, slowed_engine_script, synth_array, write
 from d2r_testkit import one_torch_thread  # noqa: F401  (autouse)
 
 try:
@@ -197,15 +194,7 @@ def test_infer_on_s3_through_a_cluster_equals_local(tmp_path: Path, bucket: str,
 
 
 _KILLED_INFER = """
-import sys, time
-from d2r_dask.blockwise import scheduler
 from d2r_dask.cli import main
-
-real = scheduler.run_group
-def slow(job, phase, gid):
-    time.sleep(0.1)  # slows the run so the test can kill it midway; values are unchanged
-    return real(job, phase, gid)
-scheduler.run_group = slow
 sys.argv = ["d2r", "infer"] + sys.argv[1:]
 main()
 """
@@ -224,7 +213,7 @@ def test_infer_killed_on_s3_resumes_where_it_stopped(tmp_path: Path, bucket: str
     n_groups = 2 * 3 * 3
 
     script = tmp_path / "killed.py"
-    script.write_text(textwrap.dedent(_KILLED_INFER))
+    script.write_text(slowed_engine_script(_KILLED_INFER, 0.1))
     done_prefix = f"{sr.removeprefix('s3://')}/.d2r/done"
 
     def n_done() -> int:
@@ -232,15 +221,7 @@ def test_infer_killed_on_s3_resumes_where_it_stopped(tmp_path: Path, bucket: str
 
     proc = subprocess.Popen([sys.executable, str(script), lr, sr, *map(str, args)], stderr=subprocess.PIPE,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and proc.poll() is None and n_done() < 4:
-            time.sleep(0.05)
-        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()}"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_after(proc, n_done, 4, timeout=120)
     done = n_done()
     assert 4 <= done < n_groups
     with pytest.raises(IncompleteVolumeError):

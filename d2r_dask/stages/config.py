@@ -233,7 +233,7 @@ def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, An
 AUTO: dict[str, dict[str, dict[str, Any]]] = {
     # 2 CPU cores: `d2r run` on a 250^3 volume in well under 30 minutes (README, "Quality").
     "cpu": {"restorer": {"preset": "tiny", "steps": 2000, "sampler_steps": 1},
-            "dgean": {"preset": "tiny", "steps": 1500}},
+            "dgean": {"preset": "small", "steps": 1500}},
     # one GPU: the full-size networks; sized for benchmarks/gpu_quality.sh (fib25 x8 in ~10 minutes),
     # not yet measured on a GPU.
     "cuda": {"restorer": {"preset": "full", "steps": 4000, "sampler_steps": 3},
