@@ -658,7 +658,8 @@ def demo(out: Path, input_path: Location | None, voxel_size: tuple[float, float,
 
     with _client(scheduler, workers, serial) as client:
         summary = run_demo(out, input_path=input_path, voxel_size=voxel_size, factor=factor, quick=quick,
-                           client=client, serial=serial, overwrite=overwrite)
+                           client=client, train_on_cluster=scheduler is not None and not serial, serial=serial,
+                           overwrite=overwrite)
     click.echo(Path(summary["report"]).read_text())
     click.echo(f"done in {summary['seconds']:.0f} s; report: {summary['report']}")
 

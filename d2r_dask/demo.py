@@ -46,6 +46,7 @@ def demo(
     shape: Sequence[int] | None = None,
     quick: bool = False,
     client: Any = None,
+    train_on_cluster: bool | None = None,
     serial: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -55,6 +56,7 @@ def demo(
     Reruns resume: every step is skipped when its output is already complete, the
     evaluation too when the results it scored were complete before this call.
     ``shape`` of the synthetic volume defaults to :data:`DEMO_SHAPE` (:data:`QUICK_SHAPE` with ``quick``).
+    ``client`` and ``train_on_cluster`` are :func:`~d2r_dask.stages.pipeline.run`'s.
     """
     from .io.convert import convert
     from .data.degrade import AxialDegradation, degrade_volume
@@ -90,7 +92,8 @@ def demo(
     pseudo_hr, metrics = out / "work" / "pseudo_hr.zarr", out / "report" / "metrics.json"
     # scored by an earlier call, of these very results (report.md is the report's last file)
     scored = is_complete(sr) and is_complete(pseudo_hr) and (out / "report" / "report.md").exists()
-    record = run(lr, sr, cfg, workdir=out / "work", client=client, serial=serial, progress=progress)
+    record = run(lr, sr, cfg, workdir=out / "work", client=client, train_on_cluster=train_on_cluster, serial=serial,
+                 progress=progress)
     if scored:
         log.info("results unchanged since %s was written; not scoring them again", metrics)
         summary = json.loads(metrics.read_text())
