@@ -151,20 +151,43 @@ def test_run_writes_sr_and_a_record(reference: dict[str, Any], lr: Path) -> None
 
 
 def test_run_with_a_client_trains_on_a_worker(reference: dict[str, Any], lr: Path, tmp_path: Path) -> None:
-    """With a client, Stages I and III train on a cluster worker (recorded in run.json), and
-    the SR equals the serial run's bit for bit (two workers: one torch thread each, as here)."""
+    """Asked to, Stages I and III train on a cluster worker (recorded in run.json), and the SR
+    equals the serial run's bit for bit (two workers: one torch thread each, as here). Not
+    asked, a local CPU cluster leaves training here (its workers have one thread each)."""
     from distributed import Client, LocalCluster
+
+    from d2r_dask.stages.remote import trains_better_on_cluster
 
     out = tmp_path / "sr.zarr"
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                       memory_limit="2GiB") as cluster, Client(cluster) as client:
-        record = run(lr, out, tiny_config(), client=client, progress=False, levels=1, loader_workers=1)
+        assert not trains_better_on_cluster(client)
+        record = run(lr, out, tiny_config(), client=client, train_on_cluster=True, progress=False, levels=1,
+                     loader_workers=1)
         workers = set(client.scheduler_info()["workers"])
     for name in ("restorer", "dgean"):
         assert record["stages"][name]["worker"] in workers, name
         assert "worker" not in reference["record"]["stages"][name]  # the serial run trained here
     assert record["config"] == reference["record"]["config"]
     np.testing.assert_array_equal(open_volume(out).values, reference["sr"])
+
+
+def test_training_goes_to_a_remote_or_gpu_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unasked, training goes to the cluster when its workers run on other hosts or a worker has a GPU."""
+    from d2r_dask.stages import remote
+
+    class FakeClient:
+        def __init__(self, *addresses: str) -> None:
+            self.workers = {a: {} for a in addresses}
+
+        def scheduler_info(self, n_workers: int = 5) -> dict[str, Any]:
+            return {"workers": self.workers}
+
+    monkeypatch.setattr(remote, "training_worker", lambda client: ({}, "cpu"))
+    assert remote.trains_better_on_cluster(FakeClient("tcp://10.255.0.7:40000"))
+    assert not remote.trains_better_on_cluster(FakeClient("tcp://127.0.0.1:40000", "tcp://127.0.0.1:40001"))
+    monkeypatch.setattr(remote, "training_worker", lambda client: ({"workers": ["tcp://127.0.0.1:40000"]}, "cuda"))
+    assert remote.trains_better_on_cluster(FakeClient("tcp://127.0.0.1:40000"))
 
 
 def test_rerun_with_another_config_is_refused(reference: dict[str, Any], lr: Path) -> None:

@@ -275,8 +275,9 @@ def run(
 
     Stages II and IV run on ``client`` (else the default client, else here; see
     :func:`~d2r_dask.blockwise.cluster.resolve_client`). Stages I and III train on one worker
-    of ``client``'s cluster when ``train_on_cluster`` (None: when a ``client`` is given and not
-    ``serial``), else in this process; ``loader_workers`` processes draw their batches
+    of ``client``'s cluster when ``train_on_cluster`` (None: when a ``client`` is given, not
+    ``serial``, and its cluster has a GPU or runs on other hosts -- see
+    :func:`~.remote.trains_better_on_cluster`), else in this process; ``loader_workers`` processes draw their batches
     (None: :func:`~.loader.default_loader_workers`; the result is the same for any number).
 
     ``auto`` presets and unset steps are resolved for the training device first (:func:`resolve_auto`);
@@ -286,9 +287,13 @@ def run(
     work (:func:`check_run`); the run holds the locks of its work directory and its output,
     so a second run on either is refused while this one lives.
     """
-    remote = client is not None and not serial and (train_on_cluster is None or train_on_cluster)
-    if train_on_cluster and not remote:
+    if train_on_cluster and (client is None or serial):
         raise InputError("training on the cluster needs a Dask client (client=) and serial=False")
+    remote = client is not None and not serial and train_on_cluster is not False
+    if remote and train_on_cluster is None:
+        from .remote import trains_better_on_cluster
+
+        remote = trains_better_on_cluster(client)
     device = cfg.device
     if remote and device is None:
         from .remote import training_worker

@@ -32,6 +32,7 @@ import contextlib
 import logging
 import os
 import queue
+import socket
 import threading
 import time
 import uuid
@@ -71,6 +72,26 @@ def training_worker(client: Any) -> tuple[dict[str, Any], str]:
         if p.device is not None and name in address:
             return {"workers": [address[name]], "allow_other_workers": False}, "cuda"
     return {}, "cpu"
+
+
+def trains_better_on_cluster(client: Any) -> bool:
+    """Whether a training should go to a worker of ``client``'s cluster rather than stay here.
+
+    Yes where the training worker has a GPU (:func:`training_worker`) or no worker runs on this
+    host (a login node or notebook next to a remote cluster); no for CPU workers on this
+    machine (a notebook's ``LocalCluster``), whose one-thread workers would train slower than
+    this process with all its cores.
+    """
+    if training_worker(client)[1] == "cuda":
+        return True
+    from distributed.comm import get_address_host
+    from distributed.utils import get_ip
+
+    here = {"127.0.0.1", "localhost", "::1", socket.gethostname()}
+    with contextlib.suppress(OSError, ValueError):
+        here.add(get_ip())
+    hosts = {get_address_host(a) for a in client.scheduler_info(n_workers=-1)["workers"]}
+    return not hosts <= here
 
 
 def train_on_cluster(client: Any, trainer: Callable[..., dict[str, Any]], *args: Any, progress: bool = True,
