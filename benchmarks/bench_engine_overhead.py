@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--block", type=int, nargs=3, default=(32, 64, 64))
     ap.add_argument("--group", type=int, default=None, help="blocks per task [default: the engine's]")
     ap.add_argument("--batch", type=int, default=None,
-                    help="blocks per model call [default: the engine's: 1 with its default group, else the group]")
+                    help="blocks per model call [default: the engine's]")
     ap.add_argument("--out-dtype", default="float32", help="the output's dtype (zstd-compressed)")
     ap.add_argument("--channels", type=int, default=16, help="conv3d width")
     ap.add_argument("--depth", type=int, default=3, help="conv3d layers (receptive field = depth)")
@@ -97,7 +97,7 @@ def main() -> None:
     import torch
     from distributed import Client, LocalCluster
 
-    from d2r_dask.blockwise.layout import default_group
+    from d2r_dask.blockwise.layout import default_batch, default_group
     from d2r_dask.blockwise.scheduler import run_blockwise
     from d2r_dask.blockwise.processors import ModelSpec
 
@@ -111,7 +111,7 @@ def main() -> None:
     n_vox = math.prod(args.shape)
     n_blocks = math.prod(-(-n // b) for n, b in zip(args.shape, block))
     group = args.group or default_group(args.shape, block)
-    batch = args.batch or (1 if args.group is None else group)
+    batch = args.batch or (default_batch(block, halo, group) if args.group is None else group)
     kw: dict[str, Any] = dict(block=block, halo=halo, group=group, batch=batch, out_dtype=args.out_dtype,
                               overwrite=True, progress=False)
     times: dict[str, list[float]] = {"bare-loop": [], "engine-serial": [], "engine-cluster": [],

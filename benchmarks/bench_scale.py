@@ -16,10 +16,11 @@ zeros writes only empty chunks, which Zarr skips). With ``--block`` 32 x 256 x 2
   (a LocalCluster's scheduler runs in it) and the number of tasks the scheduler holds
   (sampled), and the engine's scheduling overhead per block: the wall time in which the
   workers were not inside a task (wall minus the workers' task time over the workers),
-  per block.
+  per block. The workers are placed once before (:func:`~d2r_dask.blockwise.runtime.configure_workers`,
+  which imports torch on each: a few seconds, once per cluster, that a real run amortises).
 
 ``--groups`` takes blocks per task, or ``auto`` for the engine's default
-(:func:`~d2r_dask.blockwise.layout.default_group`, streamed one block at a time).
+(:func:`~d2r_dask.blockwise.layout.default_group` and ``default_batch``).
 
     python benchmarks/bench_scale.py                     # ~10^6 blocks, a few minutes on 2 cores
     python benchmarks/bench_scale.py --shape 4096 65536 65536 --groups 1 auto 64
@@ -107,9 +108,9 @@ def main() -> None:
     from distributed import Client, LocalCluster
 
     from d2r_dask.blockwise.jobstate import mark_done
-    from d2r_dask.blockwise.layout import default_group
+    from d2r_dask.blockwise.layout import default_batch, default_group
     from d2r_dask.blockwise.processors import ModelSpec
-    from d2r_dask.blockwise.runtime import worker_stats
+    from d2r_dask.blockwise.runtime import configure_workers, worker_stats
     from d2r_dask.blockwise.scheduler import run_blockwise
 
     info = machine_info()
@@ -122,8 +123,10 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                       memory_limit=None) as cluster, Client(cluster) as client:
+        configure_workers(client)  # once per cluster (torch imported on the workers): not a per-block cost
         for name in args.groups:
-            group, batch = (default_group(shape, block), 1) if name == "auto" else (int(name), 0)
+            group = default_group(shape, block) if name == "auto" else int(name)
+            batch = default_batch(block, (0, 0, 0), group) if name == "auto" else 0
             out = args.workdir / f"out-g{group}.zarr"
             job, p = plan(src, out, spec, block, group, batch)
             layout = job.layout

@@ -464,7 +464,7 @@ def restore(lr_volume: Location, output: Location, model: Path, roi: tuple[int, 
               help="LR block shape [default: sized to the device's memory and the network's halo].")
 @click.option("--group", type=int, default=None,
               help="Blocks per task, run as one batch on the device [default: small blocks grouped so a task "
-                   "holds ~32 M voxels, streamed to the device one block at a time].")
+                   "holds ~32 M voxels, streamed to the device a block at a time].")
 @click.option("--batch", type=int, default=None, hidden=True, help="Deprecated name of --group.")
 @click.option("--tta", is_flag=True, help="Average the 8 xy flips/rotations (8x slower).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the network (GPU).")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from d2r_dask.blockwise import jobstate, tasks
-from d2r_dask.blockwise.layout import MIN_TASKS, TASK_VOXELS, Layout, default_group
+from d2r_dask.blockwise.layout import BATCH_VOXELS, MIN_TASKS, TASK_VOXELS, Layout, default_batch, default_group
 from d2r_dask.blockwise.processors import ModelSpec
 from d2r_dask.blockwise.runtime import RUNTIME, tune_backend
 from d2r_dask.blockwise.scheduler import run_blockwise
@@ -74,7 +74,7 @@ def test_pipelined_equals_serial_bit_for_bit(tmp_path: Path, write_random_volume
     assert writes and all(name.startswith("d2r-write") for name in writes)
 
 
-def test_default_group_streams_one_block_at_a_time(tmp_path: Path, write_random_volume: Callable[..., Any]) -> None:
+def test_default_group_gives_the_bits_of_one_block_per_task(tmp_path: Path, write_random_volume: Callable[..., Any]) -> None:
     path, _ = write_random_volume("in.zarr", shape=(9, 16, 20), chunks=(3, 8, 8))
     spec = ModelSpec("conv3d", options={"scale_z": 2})
     auto = run_blockwise(path, tmp_path / "auto.zarr", spec, **KW)
@@ -158,6 +158,9 @@ def test_layout_batches_and_identity() -> None:
     assert [len(b) for b in new.batches(new.group_blocks(0))] == [2, 2, 1]
     assert default_group((4096, 4096, 4096), (64, 64, 64)) == TASK_VOXELS // 64**3
     assert default_group((64, 64, 64), (64, 64, 64)) == 1
+    assert default_batch((32, 64, 64), (3, 3, 3), 4) == 1  # real blocks: one per model call, overlapped
+    assert default_batch((2, 4, 4), (0, 0, 0), 12500) == BATCH_VOXELS // 32  # tiny ones: a chunk decoded once
+    assert default_batch((2, 4, 4), (0, 0, 0), 100) == 100
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32"])

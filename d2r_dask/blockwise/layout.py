@@ -145,6 +145,8 @@ class Layout:
         return d
 
 
+BATCH_VOXELS = 1 << 18
+"""The default batch holds about this many input voxels (read boxes): one block of any real size."""
 TASK_VOXELS = 1 << 25
 """About how many input voxels (owned, halo not counted) one task of the default group holds."""
 MIN_TASKS = 8
@@ -163,6 +165,15 @@ def default_group(shape: Sequence[int], block: Sequence[int]) -> int:
     """
     n_blocks = math.prod(grid_shape(shape, block))
     return max(1, min(TASK_VOXELS // max(1, math.prod(block)), n_blocks // MIN_TASKS))
+
+
+def default_batch(block: Sequence[int], margin: Sequence[int], group: int) -> int:
+    """Blocks per model call with the default group: one block (so a task's reads and writes
+    overlap its model), unless blocks are tiny (read boxes of ``block + 2 * margin`` below
+    ``BATCH_VOXELS``), which are then batched, so that a read decompresses an input chunk once
+    for many blocks rather than once per block. Never more than ``group``."""
+    read = math.prod(b + 2 * m for b, m in zip(block, margin))
+    return max(1, min(group, BATCH_VOXELS // max(1, read)))
 
 
 def halo_overhead(block: Sequence[int], halo: Sequence[int]) -> float:

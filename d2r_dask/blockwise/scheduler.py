@@ -28,7 +28,7 @@ from ..io.geometry import Box, Geometry
 from ..io.stores import Location
 from ..io.volume import create_pyramid_level, open_volume, pyramid_plan, write_multiscales
 from .jobstate import Job, done_block_count, done_flags, job_hash, job_identity, prepare_output, todo_groups
-from .layout import Layout, default_group
+from .layout import Layout, default_batch, default_group
 from .lock import locks_output
 from .processors import ModelSpec
 from . import pyramid as _pyramid
@@ -73,7 +73,8 @@ def run_blockwise(
     receptive field for a convolutional model, so tile borders never show).
     A task runs ``group`` blocks (default :func:`~.layout.default_group`: small blocks are
     grouped so the scheduler's per-task cost vanishes), streamed to the model ``batch``
-    blocks at a time (default: 1 with the default group, else the whole group), reads and
+    blocks at a time (default: the whole group if given, else :func:`~.layout.default_batch`:
+    one block, or more if they are tiny), reads and
     writes overlapping the model (:func:`~.tasks.pipelined`); ``window`` bounds the tasks
     the scheduler holds at once (default 4 per worker thread).
     Rerunning with the same arguments resumes; with different ones it refuses. The run
@@ -94,7 +95,8 @@ def run_blockwise(
                 f"or halo 0 along {ax} if the model works on single {ax}-slices"
             )
     if group is None:
-        group, batch = default_group(roi.shape, block), batch or 1
+        group = default_group(roi.shape, block)
+        batch = batch or default_batch(block, [h + c for h, c in zip(halo, context)], group)
     layout = Layout(roi=roi, block=tuple(block), halo=tuple(halo), scale=tuple(scale),  # type: ignore[arg-type]
                     stitch=stitch, group=group, context=tuple(context), batch=batch or 0)  # type: ignore[arg-type]
     out_dtype = str(np.dtype(out_dtype or vol.dtype))

@@ -115,8 +115,10 @@ def run_processor(spec: ModelSpec, token: str, batch: np.ndarray, origins: Seque
             out = proc(batch, origins, out_dtype=out_dtype)  # type: ignore[call-arg]
         else:
             out = proc(batch, origins)
-    dtype = np.dtype(out_dtype) if device_io and out_dtype is not None and owned is None else np.dtype(np.float32)
-    out = np.asarray(out, dtype=dtype)
+    out = np.asarray(out)
+    # a device_io processor's cast is a no-op here; one that returned floats is cast by the rule
+    out = to_dtype(out, out_dtype) if device_io and out_dtype is not None and owned is None else \
+        out.astype(np.float32, copy=False)
     expected = tuple(n * s for n, s in zip(batch.shape[1:], scale))
     if owned is not None:
         expected = (len(proc.slice_axes), *expected)  # type: ignore[attr-defined]
