@@ -8,7 +8,14 @@ cluster) task scheduling, with the same total number of threads:
 
 * ``engine-serial``: one process, ``cores`` torch threads;
 * ``engine-cluster``: a LocalCluster of ``workers`` processes x 1 task, torch
-  threads = cores / workers each.
+  threads = cores / workers each;
+* ``engine-cluster, no overlap``: the same with each task's reads, model and writes one
+  after the other (``RUNTIME.overlap = False``): what the pipelined block loop gains.
+
+The engine reads the zstd-compressed input and writes a zstd-compressed output (the
+default codec), so the ratios include real decompression and compression; ``--out-dtype
+uint8`` writes what Stage IV writes. The engine runs with its default blocks per task
+(``--group``) unless given; the bare loop runs the engine's model batches.
 
 Reported: throughput (input voxels per second) and its ratio to the bare loop.
 Each configuration runs ``--repeats`` times, interleaved (the machine may be
@@ -16,6 +23,7 @@ shared); the best run counts.
 
     python benchmarks/bench_engine_overhead.py               # small defaults, a few minutes
     python benchmarks/bench_engine_overhead.py --shape 128 512 512 --block 32 128 128
+    python benchmarks/bench_engine_overhead.py --out-dtype uint8   # saved as bench_engine_overhead_uint8
 """
 
 from __future__ import annotations
@@ -31,6 +39,12 @@ from typing import Any, Callable
 import numpy as np
 
 from _bench import machine_info, print_table, save, synthetic_volume
+
+
+def _set_overlap(flag: bool) -> None:
+    from d2r_dask.blockwise.runtime import RUNTIME
+
+    RUNTIME.overlap = flag
 
 
 def bare_loop(src: Path, spec: Any, block: tuple, halo: tuple, group: int, threads: int) -> float:
@@ -69,7 +83,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", type=int, nargs=3, default=(64, 256, 256), help="input volume (z y x)")
     ap.add_argument("--block", type=int, nargs=3, default=(32, 64, 64))
-    ap.add_argument("--group", type=int, default=1, help="blocks per task (model batch)")
+    ap.add_argument("--group", type=int, default=None, help="blocks per task [default: the engine's]")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="blocks per model call [default: the engine's]")
+    ap.add_argument("--out-dtype", default="float32", help="the output's dtype (zstd-compressed)")
     ap.add_argument("--channels", type=int, default=16, help="conv3d width")
     ap.add_argument("--depth", type=int, default=3, help="conv3d layers (receptive field = depth)")
     ap.add_argument("--workers", type=int, default=2)
@@ -80,6 +97,7 @@ def main() -> None:
     import torch
     from distributed import Client, LocalCluster
 
+    from d2r_dask.blockwise.layout import default_batch, default_group
     from d2r_dask.blockwise.scheduler import run_blockwise
     from d2r_dask.blockwise.processors import ModelSpec
 
@@ -92,26 +110,34 @@ def main() -> None:
     block = tuple(args.block)
     n_vox = math.prod(args.shape)
     n_blocks = math.prod(-(-n // b) for n, b in zip(args.shape, block))
-    kw: dict[str, Any] = dict(block=block, halo=halo, group=args.group, out_dtype="float32", overwrite=True,
-                              progress=False)
-    times: dict[str, list[float]] = {"bare-loop": [], "engine-serial": [], "engine-cluster": []}
+    group = args.group or default_group(args.shape, block)
+    batch = args.batch or (default_batch(block, halo, group) if args.group is None else group)
+    kw: dict[str, Any] = dict(block=block, halo=halo, group=group, batch=batch, out_dtype=args.out_dtype,
+                              overwrite=True, progress=False)
+    times: dict[str, list[float]] = {"bare-loop": [], "engine-serial": [], "engine-cluster": [],
+                                     "engine-cluster, no overlap": []}
     threads = max(1, cores // args.workers)
     with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                       memory_limit=None) as cluster, Client(cluster) as client:
         for rep in range(args.repeats + 1):  # round 0 warms caches and loads the models
-            t = bare_loop(src, spec, block, halo, args.group, cores)
+            t = bare_loop(src, spec, block, halo, batch, cores)
             torch.set_num_threads(cores)
             t_ser = _time(lambda: run_blockwise(src, args.workdir / "ser.zarr", spec, serial=True, **kw))
             t_dist = _time(lambda: run_blockwise(src, args.workdir / "dist.zarr", spec, client=client, **kw))
+            client.run(_set_overlap, False)
+            t_plain = _time(lambda: run_blockwise(src, args.workdir / "plain.zarr", spec, client=client, **kw))
+            client.run(_set_overlap, True)
             if rep:
                 times["bare-loop"].append(t)
                 times["engine-serial"].append(t_ser)
                 times["engine-cluster"].append(t_dist)
+                times["engine-cluster, no overlap"].append(t_plain)
             print(f"round {rep}{' (warm-up)' if not rep else ''}: bare {t:.2f}s, serial {t_ser:.2f}s, "
-                  f"cluster {t_dist:.2f}s", flush=True)
+                  f"cluster {t_dist:.2f}s, cluster without overlap {t_plain:.2f}s", flush=True)
     best = {k: min(v) for k, v in times.items()}
+    load_end = list(os.getloadavg())
     layout = {"bare-loop": f"1 x {cores}", "engine-serial": f"1 x {cores}",
-              "engine-cluster": f"{args.workers} x {threads}"}
+              "engine-cluster": f"{args.workers} x {threads}", "engine-cluster, no overlap": f"{args.workers} x {threads}"}
     rows = [{
         "config": name,
         "procs x threads": layout[name],
@@ -121,12 +147,15 @@ def main() -> None:
         "ms/block": t / n_blocks * 1e3,
         "ratio vs bare": best["bare-loop"] / t,
     } for name, t in best.items()]
-    print(f"\nvolume {tuple(args.shape)}, block {block}, halo {halo}, {n_blocks} blocks, group {args.group}, "
-          f"conv3d {args.channels} ch x {args.depth} layers; {cores} cores, load {info['load_average_at_start']}")
+    print(f"\nvolume {tuple(args.shape)}, block {block}, halo {halo}, {n_blocks} blocks, {group} per task in "
+          f"batches of {batch}, {args.out_dtype} out (zstd), conv3d {args.channels} ch x {args.depth} layers; "
+          f"{cores} cores, load average at start {info['load_average_at_start']}, at end {load_end}")
     print_table(rows, ["config", "procs x threads", "best s", "all s", "Mvox/s", "ms/block", "ratio vs bare"])
-    save("bench_engine_overhead", {"machine": info, "params": {k: str(v) if isinstance(v, Path) else v
-                                                                for k, v in vars(args).items()},
-                                   "n_blocks": n_blocks, "rows": rows, "goal": "engine-cluster ratio >= 0.90"})
+    name = "bench_engine_overhead" + ("" if args.out_dtype == "float32" else f"_{args.out_dtype}")
+    save(name, {"machine": {**info, "load_average_at_end": load_end},
+                "params": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                "group": group, "batch": batch, "n_blocks": n_blocks, "rows": rows,
+                "goal": "engine-cluster ratio >= 0.90"})
 
 
 if __name__ == "__main__":

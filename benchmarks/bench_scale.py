@@ -14,11 +14,16 @@ zeros writes only empty chunks, which Zarr skips). With ``--block`` 32 x 256 x 2
   its tasks over the full 10^6-group layout but only the remainder's data is touched:
   wall time per block, the memory of the process holding the client and the scheduler
   (a LocalCluster's scheduler runs in it) and the number of tasks the scheduler holds
-  (sampled), and the engine's overhead per block (wall time minus the workers' read,
-  model and write time, per block).
+  (sampled), and the engine's scheduling overhead per block: the wall time in which the
+  workers were not inside a task (wall minus the workers' task time over the workers),
+  per block. The workers are placed once before (:func:`~d2r_dask.blockwise.runtime.configure_workers`,
+  which imports torch on each: a few seconds, once per cluster, that a real run amortises).
+
+``--groups`` takes blocks per task, or ``auto`` for the engine's default
+(:func:`~d2r_dask.blockwise.layout.default_group` and ``default_batch``).
 
     python benchmarks/bench_scale.py                     # ~10^6 blocks, a few minutes on 2 cores
-    python benchmarks/bench_scale.py --shape 4096 65536 65536 --groups 1 16 64
+    python benchmarks/bench_scale.py --shape 4096 65536 65536 --groups 1 auto 64
 """
 
 from __future__ import annotations
@@ -52,7 +57,8 @@ def _d2r_tasks(dask_scheduler: Any) -> int:
     return sum(str(key).startswith("d2r-") for key in dask_scheduler.tasks)
 
 
-def plan(src: Path, out: Path, spec: Any, block: tuple[int, ...], group: int) -> tuple[Any, dict[str, Any]]:
+def plan(src: Path, out: Path, spec: Any, block: tuple[int, ...], group: int,
+         batch: int = 0) -> tuple[Any, dict[str, Any]]:
     """Client-side planning of the whole job (identity, output), timed and traced."""
     from d2r_dask.blockwise.jobstate import Job, job_hash, job_identity, prepare_output
     from d2r_dask.blockwise.layout import Layout
@@ -62,7 +68,7 @@ def plan(src: Path, out: Path, spec: Any, block: tuple[int, ...], group: int) ->
     tracemalloc.start()
     t0 = time.perf_counter()
     vol = open_volume(src)
-    layout = Layout(roi=Box((0, 0, 0), tuple(vol.shape)), block=block, halo=(0, 0, 0), group=group)
+    layout = Layout(roi=Box((0, 0, 0), tuple(vol.shape)), block=block, halo=(0, 0, 0), group=group, batch=batch)
     identity = job_identity(str(src), spec, layout, "uint8")
     job = Job(str(src), str(out), spec, layout, "uint8", token=job_hash(identity))
     prepare_output(job, identity, Geometry.of(vol), True, None, lambda: None)
@@ -93,7 +99,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", type=int, nargs=3, default=(2048, 32768, 32768), help="virtual input (z y x)")
     ap.add_argument("--block", type=int, nargs=3, default=(32, 256, 256))
-    ap.add_argument("--groups", type=int, nargs="+", default=(1, 16), help="blocks per task to try")
+    ap.add_argument("--groups", nargs="+", default=("1", "auto"), help="blocks per task to try (or auto)")
     ap.add_argument("--run-blocks", type=int, default=2048, help="blocks actually run (the rest recorded done)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "d2r-bench-scale")
@@ -102,8 +108,9 @@ def main() -> None:
     from distributed import Client, LocalCluster
 
     from d2r_dask.blockwise.jobstate import mark_done
+    from d2r_dask.blockwise.layout import default_batch, default_group
     from d2r_dask.blockwise.processors import ModelSpec
-    from d2r_dask.blockwise.runtime import worker_stats
+    from d2r_dask.blockwise.runtime import configure_workers, worker_stats
     from d2r_dask.blockwise.scheduler import run_blockwise
 
     info = machine_info()
@@ -116,9 +123,12 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                       memory_limit=None) as cluster, Client(cluster) as client:
-        for group in args.groups:
+        configure_workers(client)  # once per cluster (torch imported on the workers): not a per-block cost
+        for name in args.groups:
+            group = default_group(shape, block) if name == "auto" else int(name)
+            batch = default_batch(block, (0, 0, 0), group) if name == "auto" else 0
             out = args.workdir / f"out-g{group}.zarr"
-            job, p = plan(src, out, spec, block, group)
+            job, p = plan(src, out, spec, block, group, batch)
             layout = job.layout
             run_groups = -(-args.run_blocks // group)
             t0 = time.perf_counter()
@@ -147,25 +157,25 @@ def main() -> None:
             with RssSampler(client) as rss:
                 thread.start()
                 t0 = time.perf_counter()
-                run_blockwise(src, out, spec, block=block, halo=(0, 0, 0), group=group, out_dtype="uint8",
-                              client=client, progress=False)
+                run_blockwise(src, out, spec, block=block, halo=(0, 0, 0), group=group, batch=batch or None,
+                              out_dtype="uint8", client=client, progress=False)
                 wall = time.perf_counter() - t0
                 stop.set()
                 thread.join()
             after = client.run(worker_stats)
             blocks = sum(after[w]["blocks"] - before[w]["blocks"] for w in after)
             busy = {k: sum(after[w]["seconds"].get(k, 0) - before[w]["seconds"].get(k, 0) for w in after)
-                    for k in ("read", "model", "write", "marker")}
-            data_s = (busy["read"] + busy["model"] + busy["write"]) / args.workers
+                    for k in ("read", "model", "write", "marker", "task")}
             mem = rss.summary()
             written = sum(1 for _ in (out / "0").rglob("*") if _.is_file())  # small: the chunks stay unwritten
             rows.append({
-                "group": group, "layout blocks": p["blocks"], "tasks": p["groups"], "TB": round(terabytes, 2),
+                "group": f"{group} (auto)" if name == "auto" else group, "layout blocks": p["blocks"], "tasks": p["groups"], "TB": round(terabytes, 2),
                 "plan s": p["plan_s"], "plan client MiB": p["plan_client_peak_mib"],
                 "resume scan s": p["resume_scan_s"], "resume scan MiB": p["resume_scan_peak_mib"],
                 "done-state bytes": p["done_state_bytes"], "done-state files": p["done_state_files"],
                 "ran blocks": blocks, "run s": wall,
-                "ms/block": wall / blocks * 1e3, "overhead ms/block": (wall - data_s) / blocks * 1e3,
+                "ms/block": wall / blocks * 1e3,
+                "overhead ms/block": (wall - busy["task"] / args.workers) / blocks * 1e3,
                 "marker us/block": busy["marker"] / blocks * 1e6,
                 "tasks in flight max": max(in_flight, default=0),
                 "client+scheduler MiB first": rss.scheduler[0] / 2**20 if rss.scheduler else float("nan"),

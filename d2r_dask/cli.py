@@ -380,7 +380,7 @@ def _at_least(minimum: int, **values: int | tuple[int, ...] | None) -> None:
 
 
 def _check_blockwise(kind: str, lr_volume: Location, output: Location, model: Path, roi: tuple[int, ...] | None,
-                     block: tuple[int, int, int], halo: tuple[int, int, int] | None, group: int = 1) -> None:
+                     block: tuple[int, int, int], halo: tuple[int, int, int] | None, group: int | None = None) -> None:
     """Stage II/IV arguments checked before a cluster starts: the input opens, the model is of
     ``kind``, the output is none of the inputs, and the blocks obey the engine's rules."""
     from .blockwise.layout import Layout
@@ -399,7 +399,7 @@ def _check_blockwise(kind: str, lr_volume: Location, output: Location, model: Pa
         from .models.dgean import receptive_field
 
         cfg, _ = read_dgean_config(model)
-        Layout(roi=region, block=block, halo=receptive_field(cfg), scale=(cfg.factor, 1, 1), group=group)
+        Layout(roi=region, block=block, halo=receptive_field(cfg), scale=(cfg.factor, 1, 1), group=group or 1)
     check_output_path(output, [lr_volume, model])
 
 
@@ -462,7 +462,9 @@ def restore(lr_volume: Location, output: Location, model: Path, roi: tuple[int, 
 @roi_option
 @click.option("--block", nargs=3, type=int, default=None, metavar="Z Y X",
               help="LR block shape [default: sized to the device's memory and the network's halo].")
-@click.option("--group", type=int, default=1, help="Blocks per task, run as one batch on the device.")
+@click.option("--group", type=int, default=None,
+              help="Blocks per task, run as one batch on the device [default: small blocks grouped so a task "
+                   "holds ~32 M voxels, streamed to the device a block at a time].")
 @click.option("--batch", type=int, default=None, hidden=True, help="Deprecated name of --group.")
 @click.option("--tta", is_flag=True, help="Average the 8 xy flips/rotations (8x slower).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the network (GPU).")
@@ -470,7 +472,7 @@ def restore(lr_volume: Location, output: Location, model: Path, roi: tuple[int, 
 @_levels_option
 @_overwrite_option
 def infer(lr_volume: Location, output: Location, model: Path, roi: tuple[int, ...] | None, block: tuple[int, int, int],
-          group: int, batch: int | None, tta: bool, compile_: bool, scheduler: str | None, workers: int | None,
+          group: int | None, batch: int | None, tta: bool, compile_: bool, scheduler: str | None, workers: int | None,
           serial: bool, levels: int, overwrite: bool) -> None:
     """Stage IV: super-resolve LR_VOLUME with DGEAN, blockwise (exact halo, crop mode)."""
     from .stages.infer import infer as run_infer

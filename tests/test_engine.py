@@ -429,14 +429,14 @@ def _n_done(done: Path, phase: str) -> int:
 _SLOW_JOB = """
 from d2r_dask.blockwise.processors import ModelSpec
 scheduler.run_blockwise(sys.argv[1], sys.argv[2], ModelSpec("conv3d", options={"scale_z": 2}), block=(3, 4, 4),
-                        halo=(2, 2, 2), scale=(2, 1, 1), serial=True, progress=False)
+                        halo=(2, 2, 2), scale=(2, 1, 1), group=1, serial=True, progress=False)
 """
 
 
 @pytest.mark.slow
 def test_resume_after_kill_9(tmp_path: Path, volume: tuple[Path, np.ndarray]) -> None:
     path, _ = volume
-    kw: dict[str, Any] = dict(block=(3, 4, 4), halo=RF, scale=(2, 1, 1), serial=True, progress=False)
+    kw: dict[str, Any] = dict(block=(3, 4, 4), halo=RF, scale=(2, 1, 1), group=1, serial=True, progress=False)
     reference = result(run_blockwise(path, tmp_path / "ref.zarr", conv(2), **kw))
     script = tmp_path / "job.py"
     script.write_text(slowed_engine_script(_SLOW_JOB, 0.05))
@@ -520,7 +520,8 @@ def test_distributed_equals_serial_one_load_per_worker(tmp_path: Path, volume: t
 def test_killed_worker_loses_nothing(tmp_path: Path, write_random_volume: Callable[..., Any], client: Any) -> None:
     path, data = write_random_volume("big.zarr", shape=(16, 24, 32), chunks=(8, 12, 16))
     spec = conv(2)
-    kw: dict[str, Any] = dict(block=(2, 4, 4), halo=RF, scale=(2, 1, 1), out_dtype="float32", progress=False)
+    kw: dict[str, Any] = dict(block=(2, 4, 4), halo=RF, scale=(2, 1, 1), out_dtype="float32", group=1,
+                              progress=False)
     n_blocks = 8 * 6 * 8
     out = tmp_path / "k.zarr"
     done = out / ".d2r" / "done"

@@ -206,7 +206,7 @@ def test_infer_killed_on_s3_resumes_where_it_stopped(tmp_path: Path, bucket: str
                                                      caplog: pytest.LogCaptureFixture) -> None:
     data = synth_array((6, 18, 18), seed=7)
     local_lr = write(tmp_path / "lr.zarr", data, VOXEL, ORIGIN, chunks=(2, 6, 6))
-    args = ["--model", model, "--block", 3, 6, 6, "--serial", "--levels", 1]
+    args = ["--model", model, "--block", 3, 6, 6, "--group", 1, "--serial", "--levels", 1]
     assert_cli_ok(cli_run("infer", local_lr, tmp_path / "sr.zarr", *args))
     lr, sr = f"{bucket}/lr.zarr", f"{bucket}/sr.zarr"
     assert_cli_ok(cli_run("convert", local_lr, lr, "--chunks", 6, 18, 18))  # one chunk: one read per task

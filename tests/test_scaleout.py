@@ -23,8 +23,8 @@ from d2r_dask.io.volume import describe, disk_usage, finalize_volume, metadata_d
 from conftest import random_volume
 
 CONV = ModelSpec("conv3d", options={"scale_z": 2, "channels": 4})
-KW: dict[str, Any] = dict(block=(2, 8, 8), halo=(2, 2, 2), scale=(2, 1, 1), out_dtype="uint8", serial=True,
-                          progress=False)
+KW: dict[str, Any] = dict(block=(2, 8, 8), halo=(2, 2, 2), scale=(2, 1, 1), out_dtype="uint8", group=1,
+                          serial=True, progress=False)  # a task per block: these tests count tasks
 
 
 class _Crash(Exception):

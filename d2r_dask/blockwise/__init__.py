@@ -14,8 +14,9 @@ Read top-down:
 * :mod:`.runtime` -- what a worker process keeps between tasks (model, arrays,
   counters) and where it runs (:func:`~.runtime.place_workers`: threads, GPU).
 * :mod:`.pyramid` -- the coarser levels of an output, as engine phases.
-* :mod:`.tasks` -- what one task does, one function per phase (and the same phases on
-  in-memory regions, for the lazy graph).
+* :mod:`.tasks` -- what one task does, one function per phase, its blocks streamed through
+  a pipelined loop (reads and writes in threads, overlapping the model); and the same phases
+  on in-memory regions, for the lazy graph.
 * :mod:`.scheduler` -- :func:`~.scheduler.run_blockwise`: the submission loop.
 * :mod:`.overlap` -- :func:`~.overlap.lazy_blockwise`: the same job as a lazy Dask array
   (``da.map_overlap``), equal to the batch run bit for bit.

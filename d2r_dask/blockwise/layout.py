@@ -11,8 +11,12 @@ the whole volume, so blockwise and whole-volume results agree::
       |<---->|<------------------>|<---->|        read box = block + 2 * halo
               ^ output chunk = write box * scale (one task writes it, once)
 
-Tasks are runs of ``group`` consecutive blocks in C order (``group_blocks``). Nothing
-here reads or writes a store.
+Tasks are runs of ``group`` consecutive blocks in C order (``group_blocks``); a task
+gives its blocks to the model ``batch`` at a time (default: the whole group), so a
+worker can read the next batch and write the previous one while the model runs
+(:func:`~.tasks.pipelined`). :func:`default_group` is the engine's default ``group``:
+enough blocks per task that the per-task cost of scheduling vanishes. Nothing here
+reads or writes a store.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class Layout:
     stitch: str = "crop"
     group: int = 1
     context: Triple = (0, 0, 0)
+    batch: int = 0  # blocks per model call; 0: the whole group
 
     def __post_init__(self) -> None:
         for name in ("block", "halo", "scale", "context"):
@@ -55,6 +60,9 @@ class Layout:
             raise InputError(f"unknown stitch mode {self.stitch!r}; use one of {', '.join(STITCH_MODES)}")
         if self.group < 1:
             raise InputError("blocks per task (group) must be >= 1")
+        if self.batch < 0:
+            raise InputError("blocks per model batch (batch) must be >= 1")
+        object.__setattr__(self, "batch", min(int(self.batch) or self.group, self.group))
         if min(self.roi.shape) < 1:
             raise InputError(f"region {self.roi} is empty")
         if self.stitch in BLENDED:
@@ -125,10 +133,47 @@ class Layout:
         start = tuple(i * b for i, b in zip(index, self.out_block))
         return Box(start, tuple(a + b for a, b in zip(start, self.out_block))).clip(self.out_shape)
 
+    def batches(self, indices: Sequence[Triple]) -> list[list[Triple]]:
+        """``indices`` (a task's blocks) in runs of ``batch``: one model call each."""
+        return [list(indices[a:a + self.batch]) for a in range(0, len(indices), self.batch)]
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["roi"] = {"start": list(self.roi.start), "stop": list(self.roi.stop)}
+        if self.batch == self.group:  # the meaning before ``batch`` existed: jobs made then keep their identity
+            del d["batch"]
         return d
+
+
+BATCH_VOXELS = 1 << 18
+"""The default batch holds about this many input voxels (read boxes): one block of any real size."""
+TASK_VOXELS = 1 << 25
+"""About how many input voxels (owned, halo not counted) one task of the default group holds."""
+MIN_TASKS = 8
+"""The default group leaves at least this many tasks per phase (where there are as many blocks)."""
+
+
+def default_group(shape: Sequence[int], block: Sequence[int]) -> int:
+    """The engine's default blocks per task for a region of ``shape`` cut into ``block`` s.
+
+    A task costs the scheduler about a millisecond on a cluster (ten on a loaded laptop)
+    whatever its size, so small blocks are grouped until a task holds ~``TASK_VOXELS``
+    voxels, but never into fewer than ``MIN_TASKS`` tasks (so the workers share the
+    work). Depends on the geometry only, never on the workers, so a job keeps its identity
+    (and resumes) on any cluster. Memory does not grow with the group: a task streams its
+    blocks ``batch`` at a time.
+    """
+    n_blocks = math.prod(grid_shape(shape, block))
+    return max(1, min(TASK_VOXELS // max(1, math.prod(block)), n_blocks // MIN_TASKS))
+
+
+def default_batch(block: Sequence[int], margin: Sequence[int], group: int) -> int:
+    """Blocks per model call with the default group: one block (so a task's reads and writes
+    overlap its model), unless blocks are tiny (read boxes of ``block + 2 * margin`` below
+    ``BATCH_VOXELS``), which are then batched, so that a read decompresses an input chunk once
+    for many blocks rather than once per block. Never more than ``group``."""
+    read = math.prod(b + 2 * m for b, m in zip(block, margin))
+    return max(1, min(group, BATCH_VOXELS // max(1, read)))
 
 
 def halo_overhead(block: Sequence[int], halo: Sequence[int]) -> float:

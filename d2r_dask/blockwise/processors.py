@@ -70,6 +70,11 @@ class BlockProcessor(Protocol):
     third argument, the box each block owns (in its block's coordinates), and returns
     ``(B, P, Z*sz, Y*sy, X*sx)``: part ``p`` made slice by slice along ``slice_axes[p]``, on
     the owned slices.
+
+    A processor that declares ``device_io = True`` is given the blocks in their stored dtype
+    (uint8, uint16 or float32) instead, and in ``crop`` mode an ``out_dtype`` keyword: it then
+    returns the blocks rounded and cast to it (:func:`~d2r_dask.io.volume.to_dtype`'s rule),
+    so that only stored bytes cross to and from its device.
     """
 
     halo: Triple

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
@@ -46,9 +47,15 @@ class WorkerRuntime:
         self.loads = 0
         self.blocks = 0
         self.seconds: dict[str, float] = {}
+        self.overlap = os.environ.get("D2R_OVERLAP", "1") != "0"
+        """Read the next batch and write the previous one in threads while the model runs
+        (:func:`~.tasks.pipelined`); ``D2R_OVERLAP=0`` runs them one after the other."""
+        self._lock = threading.Lock()  # the pipeline's reader and writer threads count and open arrays too
 
     def configure(self, device: str | None = None, threads: int | None = None) -> None:
         self.device, self.threads = device, threads
+        if device:
+            tune_backend(device)
         if threads and "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(int(threads))
 
@@ -57,7 +64,8 @@ class WorkerRuntime:
                 "seconds": dict(self.seconds), "pid": os.getpid()}
 
     def add_seconds(self, stage: str, seconds: float) -> None:
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+        with self._lock:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
 
     @contextlib.contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -77,6 +85,7 @@ class WorkerRuntime:
             if self.threads:
                 torch.set_num_threads(int(self.threads))
             device = self.device or os.environ.get("D2R_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+            tune_backend(device)
             self.processors.clear()  # one model per worker at a time: a new job replaces the old one
             self.processors[key] = load_processor(spec, device)
             self.loads += 1
@@ -91,11 +100,12 @@ class WorkerRuntime:
         # keyed by path *and* job hash: a rerun with ``overwrite`` or another layout
         # recreates the store, and a stale handle would write with the old chunking
         key = (path, job.token, kind)
-        if key not in self.arrays:
-            if len(self.arrays) > 8:
-                self.arrays.clear()
-            self.arrays[key] = open_()
-        return self.arrays[key]
+        with self._lock:
+            if key not in self.arrays:
+                if len(self.arrays) > 8:
+                    self.arrays.clear()
+                self.arrays[key] = open_()
+            return self.arrays[key]
 
     def source(self, job: Job) -> Any:
         """The job's input reader (reads straight from Zarr)."""
@@ -112,6 +122,17 @@ class WorkerRuntime:
 
 RUNTIME = WorkerRuntime()
 """This process's runtime."""
+
+
+def tune_backend(device: str) -> None:
+    """Let cuDNN time its convolution algorithms once per input shape and keep the fastest
+    (``cudnn.benchmark``) when ``device`` is a GPU: a block job runs a few shapes many times.
+    The chosen algorithm may differ between processes, so GPU outputs agree to rounding, not
+    bit for bit (they never did across GPU models); the CPU is untouched."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.backends.cudnn.benchmark = True
 
 
 def configure_worker(device: str | None = None, threads: int | None = None) -> None:

@@ -28,7 +28,7 @@ from ..io.geometry import Box, Geometry
 from ..io.stores import Location
 from ..io.volume import create_pyramid_level, open_volume, pyramid_plan, write_multiscales
 from .jobstate import Job, done_block_count, done_flags, job_hash, job_identity, prepare_output, todo_groups
-from .layout import Layout
+from .layout import Layout, default_batch, default_group
 from .lock import locks_output
 from .processors import ModelSpec
 from . import pyramid as _pyramid
@@ -49,7 +49,8 @@ def run_blockwise(
     halo: Sequence[int],
     scale: Sequence[int] = (1, 1, 1),
     stitch: str = "crop",
-    group: int = 1,
+    group: int | None = None,
+    batch: int | None = None,
     context: Sequence[int] = (0, 0, 0),
     roi: Box | None = None,
     geometry: Geometry | None = None,
@@ -70,8 +71,12 @@ def run_blockwise(
     In blend mode ``halo`` is the overlap and ``context`` extra input read around
     each tile and cropped from its prediction before blending (>= the model's
     receptive field for a convolutional model, so tile borders never show).
-    ``group`` blocks go to the model as one batch (one task); ``window`` bounds the
-    tasks the scheduler holds at once (default 4 per worker thread).
+    A task runs ``group`` blocks (default :func:`~.layout.default_group`: small blocks are
+    grouped so the scheduler's per-task cost vanishes), streamed to the model ``batch``
+    blocks at a time (default: the whole group if given, else :func:`~.layout.default_batch`:
+    one block, or more if they are tiny), reads and
+    writes overlapping the model (:func:`~.tasks.pipelined`); ``window`` bounds the tasks
+    the scheduler holds at once (default 4 per worker thread).
     Rerunning with the same arguments resumes; with different ones it refuses. The run
     holds ``output``'s lock (:mod:`.lock`): a second run on it is refused while this one lives.
     A progress bar (``tqdm.auto``: blocks done / total, rate, ETA) shows unless
@@ -89,8 +94,11 @@ def run_blockwise(
                 f"(read by reflection, which needs >= 2 voxels); use a volume with >= 2 voxels along {ax} "
                 f"or halo 0 along {ax} if the model works on single {ax}-slices"
             )
+    if group is None:
+        group = default_group(roi.shape, block)
+        batch = batch or default_batch(block, [h + c for h, c in zip(halo, context)], group)
     layout = Layout(roi=roi, block=tuple(block), halo=tuple(halo), scale=tuple(scale),  # type: ignore[arg-type]
-                    stitch=stitch, group=group, context=tuple(context))  # type: ignore[arg-type]
+                    stitch=stitch, group=group, context=tuple(context), batch=batch or 0)  # type: ignore[arg-type]
     out_dtype = str(np.dtype(out_dtype or vol.dtype))
     if geometry is None:
         g = Geometry.of(vol)

@@ -10,8 +10,12 @@ group's done-marker is left. The phases of each stitch mode (:data:`STITCH_PHASE
 * ``slices``: the same two phases; the processor also gets the box each block owns and
   returns one part per slice axis (:mod:`.stitching`).
 
-Blocks are read straight from Zarr (a group's blocks along a row in one read, their
+Blocks are read straight from Zarr (a batch's blocks along a row in one read, their
 outputs in one write), so every output chunk is written whole, once, by one task.
+A task streams its blocks ``layout.batch`` at a time through :func:`pipelined`: the
+next batch is read and decoded in one thread and the previous one cast, compressed and
+written in another while the model runs on this one (bounded queues, errors raised in
+the task before its done-marker), with the same bits as one after the other.
 
 A task of the lazy Dask graph (:mod:`.overlap`) gets its input as a NumPy region instead:
 :func:`crop_region`, :func:`tile_region` and :func:`merge_region` are the same phases
@@ -26,7 +30,9 @@ from __future__ import annotations
 import math
 import threading
 import time
-from typing import Callable, Sequence
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 
@@ -41,8 +47,8 @@ from .stitching import crop_margins, merge_block, tile_shape, weighted_tile
 
 
 def read_boxes(job: Job, boxes: Sequence[Box]) -> np.ndarray:
-    """Read ``boxes`` (ROI-relative, equal shapes) as a float32 batch, with one Zarr read
-    of their bounding box where they are adjacent (a group's blocks along a row)."""
+    """Read ``boxes`` (ROI-relative, equal shapes) as a batch in the stored dtype, with one
+    Zarr read of their bounding box where they are adjacent (a batch's blocks along a row)."""
     reader = RUNTIME.source(job)
     glob = [b.shift(tuple(-r for r in job.layout.roi.start)) for b in boxes]  # ROI-relative -> global
     union = Box(tuple(map(min, zip(*(b.start for b in glob)))), tuple(map(max, zip(*(b.stop for b in glob)))))
@@ -51,7 +57,7 @@ def read_boxes(job: Job, boxes: Sequence[Box]) -> np.ndarray:
         parts = [data[b.shift(union.start).slices] for b in glob]
     else:
         parts = [read_reflected(reader, reader.shape, b) for b in glob]
-    return np.stack(parts).astype(np.float32, copy=False)
+    return np.stack(parts)
 
 
 def check_processor(job: Job) -> tuple[Triple, Triple]:
@@ -86,18 +92,33 @@ def processor(spec: ModelSpec, token: str) -> BlockProcessor:
 
 
 def run_processor(spec: ModelSpec, token: str, batch: np.ndarray, origins: Sequence[Triple],
-                  scale: Sequence[int], owned: Sequence[Box] | None = None) -> np.ndarray:
+                  scale: Sequence[int], owned: Sequence[Box] | None = None,
+                  out_dtype: str | None = None) -> np.ndarray:
     """The model's output for a batch of read boxes: the one place a processor is called.
 
-    ``batch`` is ``(B, Z, Y, X)`` raw intensities (cast to float32 here; the processor
-    maps them to its unit range); ``origins`` are the read boxes' global first voxels.
+    ``batch`` is ``(B, Z, Y, X)`` raw intensities in any dtype: cast to float32 here, unless
+    the processor declares ``device_io`` (it then takes the stored dtype, so only that
+    crosses to its device). ``origins`` are the read boxes' global first voxels.
     ``owned`` (``slices`` mode): the box each block owns, in its read box's coordinates;
     the output then has one part per slice axis, ``(B, P, Z*sz, Y*sy, X*sx)``.
+    ``out_dtype`` (``crop`` mode): a ``device_io`` processor returns the blocks already
+    rounded and cast to it (:func:`~d2r_dask.io.volume.to_dtype`'s rule, on its device);
+    other processors return float32, cast when written.
     """
     proc = processor(spec, token)
-    batch = np.ascontiguousarray(batch, dtype=np.float32)
+    device_io = bool(getattr(proc, "device_io", False))
+    batch = np.ascontiguousarray(batch) if device_io else np.ascontiguousarray(batch, dtype=np.float32)
     with RUNTIME.timed("model"):
-        out = np.asarray(proc(batch, origins) if owned is None else proc(batch, origins, owned), dtype=np.float32)
+        if owned is not None:
+            out = proc(batch, origins, owned)
+        elif device_io and out_dtype is not None:
+            out = proc(batch, origins, out_dtype=out_dtype)  # type: ignore[call-arg]
+        else:
+            out = proc(batch, origins)
+    out = np.asarray(out)
+    # a device_io processor's cast is a no-op here; one that returned floats is cast by the rule
+    out = to_dtype(out, out_dtype) if device_io and out_dtype is not None and owned is None else \
+        out.astype(np.float32, copy=False)
     expected = tuple(n * s for n, s in zip(batch.shape[1:], scale))
     if owned is not None:
         expected = (len(proc.slice_axes), *expected)  # type: ignore[attr-defined]
@@ -121,20 +142,67 @@ def origins_of(layout: Layout, boxes: Sequence[Box]) -> list[Triple]:
     return [tuple(a + r for a, r in zip(b.start, layout.roi.start)) for b in boxes]  # type: ignore[misc]
 
 
-def predict(job: Job, indices: Sequence[Triple]) -> np.ndarray:
-    """The model's output for the read boxes of the blocks at ``indices`` (full-size, with halos)."""
-    layout = job.layout
-    boxes = [layout.read_box(i) for i in indices]
+T = TypeVar("T")
+A = TypeVar("A")
+B = TypeVar("B")
+
+
+def pipelined(items: Sequence[T], read: Callable[[T], A], compute: Callable[[T, A], B],
+              write: Callable[[T, B], None], *, overlap: bool = True, ahead: int = 1) -> None:
+    """``write(item, compute(item, read(item)))`` for each item in order, overlapped.
+
+    With ``overlap`` (and more than one item) ``read`` runs in a reader thread up to
+    ``ahead`` items before the one computing here, and ``write`` in a writer thread up to
+    ``ahead`` items behind it, so at most ``2 * ahead + 1`` items' data are held at once.
+    ``compute`` stays in the calling thread (the model's device and threads). Returns when
+    every write has finished; the first error of any stage is raised here (later reads are
+    cancelled), so a task never leaves its done-marker over a failed write. Each stage
+    sees the items in order, so the result is the serial loop's, bit for bit.
+    """
+    if not overlap or len(items) < 2:
+        for item in items:
+            write(item, compute(item, read(item)))
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="d2r-read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="d2r-write") as writer:
+        reads: deque[Future[A]] = deque(reader.submit(read, it) for it in items[:ahead])
+        writes: deque[Future[None]] = deque()
+        try:
+            for k, item in enumerate(items):
+                data = reads.popleft().result()
+                if k + ahead < len(items):
+                    reads.append(reader.submit(read, items[k + ahead]))
+                result = compute(item, data)
+                del data
+                while len(writes) >= ahead:
+                    writes.popleft().result()
+                writes.append(writer.submit(write, item, result))
+                del result
+            while writes:
+                writes.popleft().result()
+        except BaseException:
+            for fut in (*reads, *writes):
+                fut.cancel()
+            raise
+
+
+def read_batch(job: Job, indices: Sequence[Triple]) -> np.ndarray:
+    """The read boxes of the blocks at ``indices``, in the stored dtype (one model batch)."""
     with RUNTIME.timed("read"):
-        batch = read_boxes(job, boxes)
-    return run_processor(job.spec, job.model_token, batch, origins_of(layout, boxes), layout.scale,
-                         owned_boxes(layout, indices))
+        return read_boxes(job, [job.layout.read_box(i) for i in indices])
+
+
+def predict(job: Job, indices: Sequence[Triple], batch: np.ndarray, out_dtype: str | None = None) -> np.ndarray:
+    """The model's output for ``batch``, the read boxes of the blocks at ``indices`` (full-size, with halos)."""
+    layout = job.layout
+    return run_processor(job.spec, job.model_token, batch, origins_of(layout, [layout.read_box(i) for i in indices]),
+                         layout.scale, owned_boxes(layout, indices), out_dtype)
 
 
 def write_blocks(job: Job, items: Sequence[tuple[Triple, np.ndarray]]) -> None:
     """Write the owned part of each block's ``values`` (full-block output coordinates).
 
-    Consecutive blocks of one row (a group runs along x in C order) go out in one Zarr
+    Consecutive blocks of one row (a batch runs along x in C order) go out in one Zarr
     write; either way every output chunk is written whole, once, by this task.
     """
     layout = job.layout
@@ -156,39 +224,62 @@ def write_blocks(job: Job, items: Sequence[tuple[Triple, np.ndarray]]) -> None:
             out[union.slices] = np.concatenate([v for _, v in run], axis=2)
 
 
+def _stream(job: Job, indices: Sequence[Triple], compute: Callable[[list[Triple], Any], Any],
+            write: Callable[[list[Triple], Any], None], read: Callable[[list[Triple]], Any] | None = None) -> None:
+    """A phase's blocks, ``layout.batch`` at a time, through :func:`pipelined` (the handles
+    the threads use are opened here first)."""
+    RUNTIME.source(job)
+    pipelined(job.layout.batches(indices), read or (lambda sub: read_batch(job, sub)), compute, write,
+              overlap=RUNTIME.overlap)
+
+
 def write_phase(job: Job, indices: Sequence[Triple]) -> None:
-    """``crop``: predict, crop halo and context, write the owned chunks."""
-    out = crop_margins(job.layout, predict(job, indices))
-    with RUNTIME.timed("write"):
-        write_blocks(job, list(zip(indices, out)))
+    """``crop``: predict, crop halo and context, write the owned chunks (cast on the device
+    where the processor can, else in the writer thread)."""
+    RUNTIME.output(job)
+
+    def write(sub: list[Triple], out: np.ndarray) -> None:
+        with RUNTIME.timed("write"):
+            write_blocks(job, list(zip(sub, crop_margins(job.layout, out))))
+
+    _stream(job, indices, lambda sub, batch: predict(job, sub, batch, job.out_dtype), write)
 
 
 def tiles_phase(job: Job, indices: Sequence[Triple]) -> None:
     """``blend``/``slices``, first phase: predict, crop the context, write each weighted tile to scratch."""
     layout = job.layout
-    out = crop_margins(layout, predict(job, indices), halo=False)
     axes = slice_axes(job.spec, job.model_token, layout)
     tiles = RUNTIME.tiles(job)
-    with RUNTIME.timed("write"):
-        for index, values in zip(indices, out):
-            sl = tuple(slice(i * n, (i + 1) * n) for i, n in zip(index, values.shape[-3:]))
-            tiles[sl] = weighted_tile(layout, index, values, axes)
+
+    def write(sub: list[Triple], out: np.ndarray) -> None:
+        with RUNTIME.timed("write"):
+            for index, values in zip(sub, crop_margins(layout, out, halo=False)):
+                sl = tuple(slice(i * n, (i + 1) * n) for i, n in zip(index, values.shape[-3:]))
+                tiles[sl] = weighted_tile(layout, index, values, axes)
+
+    _stream(job, indices, lambda sub, batch: predict(job, sub, batch), write)
 
 
 def merge_phase(job: Job, indices: Sequence[Triple]) -> None:
-    """``blend``/``slices``, second phase: sum the (up to 27) weighted tiles over each owned chunk, write it."""
+    """``blend``/``slices``, second phase: sum the (up to 27) weighted tiles over each owned
+    chunk (in the reader thread), write it (in the writer thread)."""
     layout = job.layout
     tiles = RUNTIME.tiles(job)
+    RUNTIME.output(job)
     shape = tile_shape(layout)
 
     def read_tile(nb: Triple, box: Box) -> np.ndarray:
         return tiles[box.shift(tuple(-n * t for n, t in zip(nb, shape))).slices]
 
-    t0 = time.perf_counter()
-    items = [(index, merge_block(layout, index, read_tile)) for index in indices]
-    RUNTIME.add_seconds("read", time.perf_counter() - t0)
-    with RUNTIME.timed("write"):
-        write_blocks(job, items)
+    def merge(sub: list[Triple]) -> list[tuple[Triple, np.ndarray]]:
+        with RUNTIME.timed("read"):
+            return [(index, merge_block(layout, index, read_tile)) for index in sub]
+
+    def write(sub: list[Triple], items: list[tuple[Triple, np.ndarray]]) -> None:
+        with RUNTIME.timed("write"):
+            write_blocks(job, items)
+
+    _stream(job, indices, lambda sub, items: items, write, read=merge)
 
 
 # --- the same phases on in-memory regions (the lazy Dask graph) -------------------------------
@@ -203,22 +294,21 @@ def region_blocks(layout: Layout, first: Sequence[int], shape: Sequence[int], un
 
 
 def predict_region(spec: ModelSpec, token: str, layout: Layout, region: np.ndarray,
-                   first: Sequence[int]) -> list[tuple[Triple, np.ndarray]]:
+                   first: Sequence[int], out_dtype: str | None = None) -> list[tuple[Triple, np.ndarray]]:
     """The model's outputs for the blocks whose read boxes tile ``region``.
 
     ``region`` is the padded input from the read box of block ``first`` to the read box of
-    the region's last block; blocks go to the model in runs of ``layout.group`` (C order).
+    the region's last block; blocks go to the model in runs of ``layout.batch`` (C order).
     """
     margin = tuple(h + c for h, c in zip(layout.halo, layout.context))
     indices = region_blocks(layout, first, region.shape, layout.block, margin)
     start = layout.read_box(first).start
     items: list[tuple[Triple, np.ndarray]] = []
-    for a in range(0, len(indices), layout.group):
-        group = indices[a:a + layout.group]
+    for group in layout.batches(indices):
         boxes = [layout.read_box(i) for i in group]
         batch = np.stack([region[b.shift(start).slices] for b in boxes])
         items.extend(zip(group, run_processor(spec, token, batch, origins_of(layout, boxes), layout.scale,
-                                              owned_boxes(layout, group))))
+                                              owned_boxes(layout, group), out_dtype)))
     RUNTIME.blocks += len(indices)
     return items
 
@@ -230,7 +320,7 @@ def _local(index: Sequence[int], first: Sequence[int], unit: Sequence[int]) -> t
 def crop_region(spec: ModelSpec, token: str, layout: Layout, region: np.ndarray, first: Sequence[int],
                 out_dtype: str) -> np.ndarray:
     """``crop`` on a region: the full-size output blocks of its blocks, cropped and cast."""
-    items = predict_region(spec, token, layout, region, first)
+    items = predict_region(spec, token, layout, region, first, out_dtype)
     counts = [(n - 2 * (h + c)) // b for n, h, c, b in zip(region.shape, layout.halo, layout.context, layout.block)]
     out = np.empty(tuple(k * b for k, b in zip(counts, layout.out_block)), dtype=out_dtype)
     for index, values in items:
@@ -286,8 +376,9 @@ def run_group(job: Job, phase: str, group_id: int) -> int:
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}; known: {', '.join(PHASES)}")
     indices = job.layout.group_blocks(group_id)
-    PHASES[phase](job, indices)
-    with RUNTIME.timed("marker"):
-        mark_done(job, phase, group_id)
+    with RUNTIME.timed("task"):  # all a task does; the rest of the wall time is the scheduler's
+        PHASES[phase](job, indices)
+        with RUNTIME.timed("marker"):
+            mark_done(job, phase, group_id)
     RUNTIME.blocks += len(indices)
     return len(indices)

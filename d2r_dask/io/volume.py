@@ -63,8 +63,12 @@ _UNIT_TO_NM = {
 
 
 def to_dtype(arr: np.ndarray, dtype: Any) -> np.ndarray:
-    """Cast float data to ``dtype``: integers are rounded and clipped to their range."""
+    """Cast float data to ``dtype``: integers are rounded and clipped to their range (data
+    already of ``dtype`` is returned as it is). :func:`d2r_dask.models.intensity.to_dtype` is
+    its torch twin (the same bits, on a device)."""
     dtype = np.dtype(dtype)
+    if arr.dtype == dtype:
+        return arr
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
         return np.clip(np.rint(arr), info.min, info.max).astype(dtype)

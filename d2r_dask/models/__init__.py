@@ -4,6 +4,8 @@
 * :mod:`.dgean` -- DGEAN, its presets and its receptive field (the engine's halo in Stage IV).
 * :mod:`.noise` -- the keyed Gaussian noise of :mod:`d2r_dask.data.noise`, made with torch on the
   device (the Stage II sampler's noise on a GPU; the same values).
+* :mod:`.intensity` -- the intensity maps and the cast to the stored dtype, with torch on the device
+  (the same bits as :class:`~d2r_dask.data.intensity.Intensity` and :func:`d2r_dask.io.volume.to_dtype`).
 * :mod:`.losses` -- training losses.
 * :mod:`.config` -- strict parsing of stored model configs.
 * :mod:`.checkpoint` -- ``weights.safetensors`` + ``config.json``, and loading each family from them.

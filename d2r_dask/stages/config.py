@@ -78,11 +78,12 @@ class DGEANStage:
 @dataclass(frozen=True)
 class InferStage:
     """Stage IV: blockwise DGEAN inference; ``group`` blocks per task, run as one batch
+    (None: the engine's default, :func:`~d2r_dask.blockwise.layout.default_group`, streamed a block at a time)
     (``batch`` is its deprecated name). ``block`` None: sized to the device and DGEAN's
     halo (:func:`~d2r_dask.stages.sizing.infer_block`), then recorded in ``run.json``."""
 
     block: tuple[int, int, int] | None = None
-    group: int = 1
+    group: int | None = None
     tta: bool = False
     batch: InitVar[int | None] = None
 

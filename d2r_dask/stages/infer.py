@@ -3,7 +3,8 @@
 Crop mode with the network's exact receptive field as halo, so the blockwise
 result equals whole-volume inference. On a GPU the blocks of a task are batched,
 in bf16 autocast and channels-last-3d memory, optionally ``torch.compile`` d;
-``tta`` averages the 8 xy flips/rotations.
+``tta`` averages the 8 xy flips/rotations. Blocks cross to the device and back in the
+stored dtype (``device_io``): normalisation, rounding and casting run there.
 """
 
 from __future__ import annotations
@@ -48,14 +49,35 @@ class DGEANProcessor:
         self.factor = net.cfg.factor
         self.scale: Triple = (self.factor, 1, 1)
         self.halo: Triple = tuple(receptive_field(net.cfg))  # type: ignore[assignment]
+        self._pinned: torch.Tensor | None = None
 
-    def __call__(self, blocks: np.ndarray, origins: Sequence[Triple]) -> np.ndarray:
-        x = torch.from_numpy(self.intensity.to_unit(blocks)[:, None]).to(self.device, non_blocking=True)
+    device_io = True
+    """Takes blocks in their stored dtype and, given ``out_dtype``, returns them in it: the
+    intensity maps, rounding and cast run on the device (:mod:`d2r_dask.models.intensity`),
+    so only stored bytes cross the bus, through a pinned staging buffer on a GPU."""
+
+    def _to_device(self, blocks: np.ndarray) -> torch.Tensor:
+        """``blocks`` on the device; on a GPU through a reused page-locked buffer, so the copy
+        is a DMA that does not wait on the host (``non_blocking`` from pageable memory is a
+        synchronous copy). The buffer is free again when the previous call's result has come back."""
+        x = torch.from_numpy(np.ascontiguousarray(blocks))
+        if self.device.type != "cuda":
+            return x.to(self.device)
+        if self._pinned is None or self._pinned.shape != x.shape or self._pinned.dtype != x.dtype:
+            self._pinned = torch.empty(x.shape, dtype=x.dtype).pin_memory()
+        self._pinned.copy_(x)
+        return self._pinned.to(self.device, non_blocking=True)
+
+    def __call__(self, blocks: np.ndarray, origins: Sequence[Triple], out_dtype: str | None = None) -> np.ndarray:
+        from ..models.intensity import from_unit, to_dtype, to_unit
+
+        x = to_unit(self._to_device(blocks), self.intensity)[:, None]
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last_3d)
         with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             y = self.forward(x)
-        return self.intensity.from_unit(y.float()[:, 0].cpu().numpy())  # clipped by the cast to the stored dtype
+        y = from_unit(y.float()[:, 0], self.intensity)  # clipped by the cast to the stored dtype
+        return (y if out_dtype is None else to_dtype(y, out_dtype)).cpu().numpy()
 
 
 DEFAULT_BLOCK: Triple = (32, 128, 128)
@@ -84,7 +106,7 @@ def infer(
     model: str | os.PathLike,
     *,
     block: Sequence[int] = DEFAULT_BLOCK,
-    group: int = 1,
+    group: int | None = None,
     tta: bool = False,
     compile: bool = False,
     roi: Box | None = None,
@@ -98,7 +120,8 @@ def infer(
     """Stage IV through the engine: the SR volume of ``lr_path``.
 
     Each task takes ``group`` blocks and runs them as one batch on the device (the
-    engine's ``group``). Restarting with the same arguments resumes at the first
+    engine's ``group``; default: small blocks grouped, streamed one at a time, reads and
+    writes overlapping the device). Restarting with the same arguments resumes at the first
     unfinished chunk. Without ``client`` (and not ``serial``) it runs on the default
     ``distributed.Client`` when one exists, else in this process. ``batch`` is the
     deprecated name of ``group``.

@@ -139,7 +139,7 @@ def fit_sizes(shape: Sequence[int], cfg: RunConfig) -> Sizes:
     stage2_layout(shape, roi, block=cfg.restore.block, halo=cfg.restore.halo, factor=s)
     if cfg.infer.block is not None:  # None: sized to the device later, always valid
         Layout(roi=Box((0, 0, 0), shape), block=cfg.infer.block, halo=receptive_field(net), scale=(s, 1, 1),
-               group=cfg.infer.group)
+               group=cfg.infer.group or 1)
     return Sizes(roi, restorer_patch, dgean_patch, dgean_lr_z)
 
 
