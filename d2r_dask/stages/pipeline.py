@@ -277,8 +277,9 @@ def run(
     :func:`~d2r_dask.blockwise.cluster.resolve_client`). Stages I and III train on one worker
     of ``client``'s cluster when ``train_on_cluster`` (None: when a ``client`` is given, not
     ``serial``, and its cluster has a GPU or runs on other hosts -- see
-    :func:`~.remote.trains_better_on_cluster`), else in this process; ``loader_workers`` processes draw their batches
-    (None: :func:`~.loader.default_loader_workers`; the result is the same for any number).
+    :func:`~.remote.trains_better_on_cluster`), else in this process; ``loader_workers``
+    processes draw their batches (None: :func:`~.loader.default_loader_workers`; the result
+    is the same for any number).
 
     ``auto`` presets and unset steps are resolved for the training device first (:func:`resolve_auto`);
     the record holds the resolved configuration, the intensity mapping measured once on the
