@@ -335,7 +335,8 @@ def _echo_self_check(name: str, check: dict[str, Any] | None) -> None:
 @click.option("--out", type=LOCAL, required=True, help="Checkpoint folder.")
 @click.option("--mode", type=click.Choice(["decimate", "mean"]), default="decimate",
               help="How the acquisition degrades z (the same as the LR).")
-@click.option("--preset", type=click.Choice(["tiny", "small", "base", "full"]), default="tiny", help="Network size.")
+@click.option("--preset", type=click.Choice(["tiny", "small", "medium", "base", "full"]), default="tiny",
+              help="Network size.")
 @click.option("--patch-xy", type=int, default=48)
 @click.option("--patch-lr-z", type=int, default=8, help="LR slices per patch (HR depth = this x factor).")
 @click.option("--hf-weight", type=float, default=0.5, help="Weight of the gradient (high-frequency) loss.")
@@ -522,8 +523,8 @@ def _run_overrides(factor: int | None, mode: str | None, seed: int | None, devic
 @click.option("--dgean-steps", type=int, default=None, help="Stage III training steps [default: by device].")
 @click.option("--restorer-preset", type=click.Choice(["auto", "tiny", "small", "full"]), default=None,
               help="Restorer size [default: auto: tiny on a CPU, full on a GPU].")
-@click.option("--dgean-preset", type=click.Choice(["auto", "tiny", "small", "base", "full"]), default=None,
-              help="DGEAN size [default: auto: tiny on a CPU, full on a GPU].")
+@click.option("--dgean-preset", type=click.Choice(["auto", "tiny", "small", "medium", "base", "full"]), default=None,
+              help="DGEAN size [default: auto: medium on a CPU, full on a GPU].")
 @roi_option
 @click.option("--tta", is_flag=True, help="Stage IV test-time averaging (8x slower).")
 @click.option("--seed", type=int, default=None)

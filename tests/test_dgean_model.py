@@ -315,3 +315,18 @@ def test_hf_loss_is_zero_only_for_equal_inputs() -> None:
         hf_loss(a, b[..., :-1])
     with pytest.raises(ValueError, match=">= 0"):
         hf_loss(a, b, weight=-1.0)
+
+
+def test_cli_offers_every_preset() -> None:
+    """The CLI spells the preset lists out (so ``--help`` needs no torch); they must stay whole."""
+    from d2r_dask import cli
+    from d2r_dask.models import nafnet
+
+    def choices(command: str, option: str) -> list[str]:
+        param = next(p for p in cli.cli.commands[command].params if p.name == option)
+        return [c for c in param.type.choices if c != "auto"]
+
+    assert choices("train-dgean", "preset") == list(dgean.PRESETS)
+    assert choices("run", "dgean_preset") == list(dgean.PRESETS)
+    assert choices("train-restorer", "preset") == list(nafnet.PRESETS)
+    assert choices("run", "restorer_preset") == list(nafnet.PRESETS)

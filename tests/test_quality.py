@@ -107,7 +107,7 @@ def _tiny_run(**overrides: Any) -> RunConfig:
 def test_auto_presets_follow_the_device() -> None:
     cpu = resolve_auto(RunConfig(factor=4), "cpu")
     gpu = resolve_auto(RunConfig(factor=4), "cuda:1")
-    assert (cpu.restorer.preset, cpu.dgean.preset) == ("tiny", "small")
+    assert (cpu.restorer.preset, cpu.dgean.preset) == ("tiny", "medium")
     assert (gpu.restorer.preset, gpu.dgean.preset) == ("full", "full")
     assert cpu.restorer.steps and cpu.dgean.steps and gpu.restorer.steps > cpu.restorer.steps
     explicit = RunConfig(factor=4, restorer=RestorerStage(preset="small", steps=7))

@@ -58,6 +58,8 @@ and element-wise ops are not counted. Mode ``decimate``, cubic interpolation::
     tiny         8  (12, 12, 12)        23,869             6,341
     small        4  (12, 12, 12)        66,137            33,648
     small        8  (12, 12, 12)        93,849            24,173
+    medium       4  (15, 15, 15)       176,651            89,116
+    medium       8  (15, 15, 15)       238,955            60,763
     base         4  (18, 18, 18)       374,337           188,128
     base         8  (18, 18, 18)       485,057           122,581
     full         4  (30, 30, 30)     2,392,769         1,197,696
@@ -383,7 +385,8 @@ class DGEANConfig:
 
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"width": 8, "n_blocks": 2, "hf_width": 4},  # CPU tests
-    "small": {"width": 16, "n_blocks": 2, "hf_width": 8},  # CPU runs
+    "small": {"width": 16, "n_blocks": 2, "hf_width": 8},
+    "medium": {"width": 24, "n_blocks": 3, "hf_width": 8},  # CPU runs
     "base": {"width": 32, "n_blocks": 4, "hf_width": 16},
     "full": {"width": 64, "n_blocks": 8, "hf_width": 32},  # GPUs
 }

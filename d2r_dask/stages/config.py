@@ -233,11 +233,12 @@ def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, An
 
 
 AUTO: dict[str, dict[str, dict[str, Any]]] = {
-    # 2 CPU cores: `d2r run` on a 250^3 volume at x4 in 16 minutes (README, "Quality").
-    # DGEAN: thin patches (4 LR slices), twice the steps: the same voxels per run as 8 x 1500,
-    # +0.10 dB at x8, -0.04 at x4 (fib25, README "Quality").
+    # 2 CPU cores: `d2r run` on a 250^3 volume at x4 in 25 minutes (README, "Quality").
+    # DGEAN: thin patches (4 LR slices), which were +0.10 dB at x8 and -0.04 at x4 against 8 deep;
+    # medium for 2000 steps is the largest student within the 30-minute bound (fib25, README
+    # "Quality": medium/3000 scored higher but took 30.5 minutes).
     "cpu": {"restorer": {"preset": "tiny", "steps": 2000, "sampler_steps": 1},
-            "dgean": {"preset": "small", "steps": 3000, "patch_lr_z": 4}},
+            "dgean": {"preset": "medium", "steps": 2000, "patch_lr_z": 4}},
     # one GPU: the full-size networks; sized for benchmarks/gpu_quality.sh (fib25 x8 in ~10 minutes),
     # not yet measured on a GPU.
     "cuda": {"restorer": {"preset": "full", "steps": 4000, "sampler_steps": 3},

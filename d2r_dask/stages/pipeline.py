@@ -291,15 +291,15 @@ def run(
     if train_on_cluster and (client is None or serial):
         raise InputError("training on the cluster needs a Dask client (client=) and serial=False")
     remote = client is not None and not serial and train_on_cluster is not False
-    if remote and train_on_cluster is None:
-        from .remote import trains_better_on_cluster
-
-        remote = trains_better_on_cluster(client)
     device = cfg.device
-    if remote and device is None:
-        from .remote import training_worker
+    if remote:
+        from .remote import trains_better_on_cluster, training_worker
 
-        device = training_worker(client)[1]  # auto presets for the worker that trains, not for this machine
+        worker_device = training_worker(client)[1]
+        if train_on_cluster is None:
+            remote = trains_better_on_cluster(client, worker_device)
+        if remote and device is None:
+            device = worker_device  # auto presets for the worker that trains, not for this machine
     cfg = resolve_auto(cfg, device)
     paths = check_run(lr_path, output, cfg, workdir=workdir, overwrite=overwrite, device_here=not remote)
     with exclusive(paths.workdir, what="work directory"), exclusive(paths.output):
@@ -342,7 +342,6 @@ def _run(paths: Paths, cfg: RunConfig, *, client: Any, serial: bool, overwrite: 
                             device_info(cfg.device), tta=cfg.infer.tta)
         cfg = replace(cfg, infer=replace(cfg.infer, block=tuple(sized["block"])))
         log.info("Stage IV block %s (halo overhead %.2fx)", sized["block"], sized["halo_overhead"])
-    paths.workdir.mkdir(parents=True, exist_ok=True)
     intensity = Intensity(**record["intensity"]) if "intensity" in record else Intensity.for_volume(lr.data)
     paths.workdir.mkdir(parents=True, exist_ok=True)  # after the first LR read (its intensity sample)
     record.update({"input": stores.canonical(paths.lr), "output": stores.canonical(paths.output),

@@ -74,22 +74,24 @@ def training_worker(client: Any) -> tuple[dict[str, Any], str]:
     return {}, "cpu"
 
 
-def trains_better_on_cluster(client: Any) -> bool:
+def trains_better_on_cluster(client: Any, device: str | None = None) -> bool:
     """Whether a training should go to a worker of ``client``'s cluster rather than stay here.
 
-    Yes where the training worker has a GPU (:func:`training_worker`) or no worker runs on this
-    host (a login node or notebook next to a remote cluster); no for CPU workers on this
-    machine (a notebook's ``LocalCluster``), whose one-thread workers would train slower than
-    this process with all its cores.
+    Yes where the training worker has a GPU (``device``, the device type
+    :func:`training_worker` gives, looked up if None) or no worker runs on this host (a login
+    node or notebook next to a remote cluster); no for CPU workers on this machine (a
+    notebook's ``LocalCluster``), whose one-thread workers would train slower than this process
+    with all its cores.
     """
-    if training_worker(client)[1] == "cuda":
+    if (device or training_worker(client)[1]) == "cuda":
         return True
     from distributed.comm import get_address_host
     from distributed.utils import get_ip
 
-    here = {"127.0.0.1", "localhost", "::1", socket.gethostname()}
-    with contextlib.suppress(OSError, ValueError):
+    here = {"127.0.0.1", "localhost", "::1"}
+    with contextlib.suppress(OSError, ValueError):  # worker addresses are IPs: this host's, as workers see it
         here.add(get_ip())
+        here.add(socket.gethostbyname(socket.gethostname()))
     hosts = {get_address_host(a) for a in client.scheduler_info(n_workers=-1)["workers"]}
     return not hosts <= here
 
