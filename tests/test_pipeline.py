@@ -46,6 +46,7 @@ from d2r_dask.stages.config import (
     upgrade_config,
 )
 from d2r_dask.stages.pipeline import STAGES, default_workdir, plan, run
+from d2r_dask.models.dgean import dgean_config, receptive_field
 from d2r_dask.io.volume import is_complete, open_volume
 
 S = 4
@@ -104,7 +105,8 @@ def test_plan_counts_blocks_tiles_and_evaluations(tmp_path: Path) -> None:
     assert whole["tiles"] == 1 and whole["halo"] == [0, 0, 0]  # one tile: nothing to blend, no halo
     assert whole["pixel_evaluations"] == whole["useful_pixel_evaluations"]
     assert three["network_evaluations"] == 4 * 2
-    assert four["blocks"] == 2 * 3 * 3 and four["halo"] == [12, 12, 12]
+    halo = list(receptive_field(dgean_config(resolve_auto(cfg).dgean.preset, S)))  # auto, as plan() resolves it
+    assert four["blocks"] == 2 * 3 * 3 and four["halo"] == halo
     assert four["network_evaluations"] == 18
     sde = plan(path, replace(cfg, restorer=replace(cfg.restorer, sampler="sde")))["stages"][1]
     assert sde["network_evaluations"] == 256 * 2 and sde["sampler"] == "sde x2"  # the steps Stage II runs

@@ -89,9 +89,9 @@ def trains_better_on_cluster(client: Any, device: str | None = None) -> bool:
     from distributed.utils import get_ip
 
     here = {"127.0.0.1", "localhost", "::1"}
-    with contextlib.suppress(OSError, ValueError):  # worker addresses are IPs: this host's, as workers see it
-        here.add(get_ip())
-        here.add(socket.gethostbyname(socket.gethostname()))
+    for this_host in (get_ip, lambda: socket.gethostbyname(socket.gethostname())):  # worker addresses are IPs
+        with contextlib.suppress(OSError, ValueError):
+            here.add(this_host())
     hosts = {get_address_host(a) for a in client.scheduler_info(n_workers=-1)["workers"]}
     return not hosts <= here
 
