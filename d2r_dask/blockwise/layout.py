@@ -97,11 +97,15 @@ class Layout:
         """``(index, write box)`` per block, ROI-relative input coordinates, C order."""
         return iter_blocks(self.shape, self.block)  # type: ignore[return-value]
 
+    @property
+    def margin(self) -> Triple:
+        """What a read box adds to its block on each side: the halo and, in blend mode, the context."""
+        return tuple(h + c for h, c in zip(self.halo, self.context))  # type: ignore[return-value]
+
     def read_box(self, index: Sequence[int]) -> Box:
         """The full-size block at ``index`` grown by halo and context (ROI-relative; may leave the ROI)."""
         start = tuple(i * b for i, b in zip(index, self.block))
-        margin = tuple(h + c for h, c in zip(self.halo, self.context))
-        return Box(start, tuple(a + b for a, b in zip(start, self.block))).grow(margin)
+        return Box(start, tuple(a + b for a, b in zip(start, self.block))).grow(self.margin)
 
     def owned(self, index: Sequence[int]) -> Box:
         """The input voxels the block at ``index`` owns (its block, clipped to the ROI), in the

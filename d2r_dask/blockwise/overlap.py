@@ -124,7 +124,7 @@ def lazy_blockwise(
             f"input), use a larger block, or run the batch engine: {batch_command} "
             "(resumable, done-markers, a bounded scheduler)"
         )
-    margin = tuple(h + c for h, c in zip(layout.halo, layout.context))
+    margin = layout.margin
     for ax, n, m in zip("zyx", data.shape, margin):
         if m and n < 2:
             raise InputError(

@@ -18,6 +18,7 @@ import os
 import sys
 import time
 import uuid
+from dataclasses import replace
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -94,11 +95,11 @@ def run_blockwise(
                 f"(read by reflection, which needs >= 2 voxels); use a volume with >= 2 voxels along {ax} "
                 f"or halo 0 along {ax} if the model works on single {ax}-slices"
             )
-    if group is None:
-        group = default_group(roi.shape, block)
-        batch = batch or default_batch(block, [h + c for h, c in zip(halo, context)], group)
     layout = Layout(roi=roi, block=tuple(block), halo=tuple(halo), scale=tuple(scale),  # type: ignore[arg-type]
-                    stitch=stitch, group=group, context=tuple(context), batch=batch or 0)  # type: ignore[arg-type]
+                    stitch=stitch, group=group or default_group(roi.shape, block),
+                    context=tuple(context), batch=batch or 0)  # type: ignore[arg-type]
+    if group is None and not batch:  # the default group: tiny blocks batched per model call
+        layout = replace(layout, batch=default_batch(layout.block, layout.margin, layout.group))
     out_dtype = str(np.dtype(out_dtype or vol.dtype))
     if geometry is None:
         g = Geometry.of(vol)

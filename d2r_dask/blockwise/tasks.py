@@ -300,8 +300,7 @@ def predict_region(spec: ModelSpec, token: str, layout: Layout, region: np.ndarr
     ``region`` is the padded input from the read box of block ``first`` to the read box of
     the region's last block; blocks go to the model in runs of ``layout.batch`` (C order).
     """
-    margin = tuple(h + c for h, c in zip(layout.halo, layout.context))
-    indices = region_blocks(layout, first, region.shape, layout.block, margin)
+    indices = region_blocks(layout, first, region.shape, layout.block, layout.margin)
     start = layout.read_box(first).start
     items: list[tuple[Triple, np.ndarray]] = []
     for group in layout.batches(indices):
