@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Sequence, TypeVar
