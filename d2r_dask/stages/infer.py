@@ -1,8 +1,8 @@
 """Stage IV: run DGEAN over the whole LR volume in 3D blocks and write the isotropic volume.
 
 Crop mode with the network's exact receptive field as halo, so the blockwise
-result equals whole-volume inference. On a GPU the blocks of a task are batched,
-in bf16 autocast and channels-last-3d memory, optionally ``torch.compile`` d;
+result equals whole-volume inference. The blocks of a task are batched, in channels-last-3d
+memory and, on a GPU, bf16 autocast (:mod:`~d2r_dask.models.precision`), optionally ``torch.compile`` d;
 ``tta`` averages the 8 xy flips/rotations. Blocks cross to the device and back in the
 stored dtype (``device_io``): normalisation, rounding and casting run there.
 """
@@ -23,6 +23,7 @@ from ..data.intensity import Intensity
 from ..errors import renamed
 from ..io.geometry import Box, Triple, sr_geometry
 from ..io.volume import open_volume
+from ..models.precision import channels_last, channels_last_input, inference_bf16
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,8 @@ class DGEANProcessor:
 
         net, config = load_dgean(directory)
         self.device = torch.device(device)
-        self.bf16 = self.device.type == "cuda" if bf16 is None else bf16
-        self.net = net.to(self.device)
-        if self.device.type == "cuda":
-            self.net = self.net.to(memory_format=torch.channels_last_3d)
+        self.bf16 = inference_bf16(self.device) if bf16 is None else bf16
+        self.net = channels_last(net.to(self.device))
         self.forward = (lambda x: tta_forward(self.net, x)) if tta else self.net
         if compile:
             self.forward = torch.compile(self.forward)
@@ -71,9 +70,7 @@ class DGEANProcessor:
     def __call__(self, blocks: np.ndarray, origins: Sequence[Triple], out_dtype: str | None = None) -> np.ndarray:
         from ..models.intensity import from_unit, to_dtype, to_unit
 
-        x = to_unit(self._to_device(blocks), self.intensity)[:, None]
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last_3d)
+        x = channels_last_input(to_unit(self._to_device(blocks), self.intensity)[:, None])
         with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             y = self.forward(x)
         y = from_unit(y.float()[:, 0], self.intensity)  # clipped by the cast to the stored dtype

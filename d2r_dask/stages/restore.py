@@ -38,6 +38,7 @@ from ..errors import InputError, renamed
 from ..io.geometry import Box, Triple, sr_geometry
 from ..io.volume import open_volume
 from ..models.noise import keyed_normal as keyed_normal_on_device
+from ..models.precision import channels_last, inference_bf16
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,8 @@ class RestorerProcessor:
 
         net, self.sde, config = load_restorer(directory)
         self.device = torch.device(device)
-        self.net = net.to(self.device)
-        if self.device.type == "cuda":
-            self.net = self.net.to(memory_format=torch.channels_last)
+        self.net = channels_last(net.to(self.device))
+        self.bf16 = inference_bf16(self.device)
         if compile:  # shapes vary only between edge and interior tiles: few recompilations
             self.net = torch.compile(self.net, dynamic=False)
         self.factor, self.mode = int(config["factor"]), str(config["mode"])
@@ -107,8 +107,7 @@ class RestorerProcessor:
                 return self._noise(stream * 1024 + k, sub, shape)
 
             mu_t = torch.from_numpy(mu[a:b, None]).to(self.device)
-            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
-                                enabled=self.device.type == "cuda"):
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 x = self.sde.sample(self.net, mu_t, sampler=self.sampler, steps=self.steps, noise_fn=noise_fn,
                                     x0_range=self.sde.X0_RANGE)
             out[a:b] = x.float()[:, 0].cpu().numpy()  # clipped only by the final cast to the stored dtype
