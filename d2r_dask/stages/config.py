@@ -233,44 +233,30 @@ def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, An
 
 
 AUTO: dict[str, dict[str, dict[str, Any]]] = {
-    # 2 CPU cores: `d2r run` on a 250^3 volume at x4 in 25 minutes (README, "Quality").
+    # 2 CPU cores: `d2r run` on a 250^3 volume at x4 in TIME minutes (README, "Quality").
     # DGEAN: thin patches (4 LR slices), which were +0.10 dB at x8 and -0.04 at x4 against 8 deep;
-    # medium for 2000 steps is the largest student within the 30-minute bound in float32 (fib25,
-    # README "Quality": medium/3000 scored higher but took 30.5 minutes).
+    # medium with channels-last memory (models.precision) trains 4000 steps within the 30-minute
+    # bound (in the former layout 3000 steps took 30.5 minutes); more steps, higher SR (README).
     "cpu": {"restorer": {"preset": "tiny", "steps": 2000, "sampler_steps": 1},
-            "dgean": {"preset": "medium", "steps": 2000, "patch_lr_z": 4}},
-    # a CPU that trains in bf16 (AMX / AVX512-BF16, models.precision): DGEAN's step is 2.6x faster,
-    # so it takes twice the steps in less time; the restorer gains nothing from bf16 there.
-    "cpu-bf16": {"restorer": {"preset": "tiny", "steps": 2000, "sampler_steps": 1},
-                 "dgean": {"preset": "medium", "steps": 4000, "patch_lr_z": 4}},
+            "dgean": {"preset": "medium", "steps": 4000, "patch_lr_z": 4}},
     # one GPU: the full-size networks; sized for benchmarks/gpu_quality.sh (fib25 x8 in ~10 minutes),
     # not yet measured on a GPU.
     "cuda": {"restorer": {"preset": "full", "steps": 4000, "sampler_steps": 3},
              "dgean": {"preset": "full", "steps": 3000, "patch_lr_z": 8}},
 }
-"""What ``preset: auto`` and the unset steps mean on each kind of device (:func:`device_kind`)."""
-
-
-def device_kind(device: str) -> str:
-    """The row of :data:`AUTO` for ``device``: ``cuda``, ``cpu-bf16`` (a CPU that trains in
-    bf16, :func:`~d2r_dask.models.precision.native_bf16`) or ``cpu``."""
-    from ..models.precision import native_bf16
-
-    if str(device).startswith("cuda"):
-        return "cuda"
-    return "cpu-bf16" if native_bf16(device) else "cpu"
+"""What ``preset: auto`` and the unset steps mean on each device type."""
 
 
 def resolve_auto(cfg: RunConfig, device: str | None = None) -> RunConfig:
     """``cfg`` with ``auto`` presets and unset steps filled in for ``device`` (default: the
-    first GPU if there is one, else the CPU), from its :data:`AUTO` row. Explicit values are kept."""
+    first GPU if there is one, else the CPU). Explicit values are kept."""
     from dataclasses import replace
 
     if device is None:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    table = AUTO[device_kind(device)]
+    table = AUTO["cuda" if str(device).startswith("cuda") else "cpu"]
 
     def fill(section: Any, values: Mapping[str, Any]) -> Any:
         changes = {k: v for k, v in values.items()

@@ -23,7 +23,7 @@ from ..data.intensity import Intensity
 from ..errors import renamed
 from ..io.geometry import Box, Triple, sr_geometry
 from ..io.volume import open_volume
-from ..models.precision import channels_last, channels_last_input, inference_bf16
+from ..models.precision import autocast_bf16, channels_last, channels_last_input
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class DGEANProcessor:
 
         net, config = load_dgean(directory)
         self.device = torch.device(device)
-        self.bf16 = inference_bf16(self.device) if bf16 is None else bf16
+        self.bf16 = autocast_bf16(self.device) if bf16 is None else bf16
         self.net = channels_last(net.to(self.device))
         self.forward = (lambda x: tta_forward(self.net, x)) if tta else self.net
         if compile:

@@ -38,7 +38,7 @@ from ..errors import InputError, renamed
 from ..io.geometry import Box, Triple, sr_geometry
 from ..io.volume import open_volume
 from ..models.noise import keyed_normal as keyed_normal_on_device
-from ..models.precision import channels_last, inference_bf16
+from ..models.precision import autocast_bf16, channels_last
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class RestorerProcessor:
         net, self.sde, config = load_restorer(directory)
         self.device = torch.device(device)
         self.net = channels_last(net.to(self.device))
-        self.bf16 = inference_bf16(self.device)
+        self.bf16 = autocast_bf16(self.device)
         if compile:  # shapes vary only between edge and interior tiles: few recompilations
             self.net = torch.compile(self.net, dynamic=False)
         self.factor, self.mode = int(config["factor"]), str(config["mode"])

@@ -1,7 +1,7 @@
 """Training: one loop for both networks, and the Stage I / Stage III trainers on top of it.
 
-:func:`fit` is the loop (AdamW, cosine decay, EMA, bf16 autocast where it pays and channels-last
-memory (:mod:`~d2r_dask.models.precision`), progress,
+:func:`fit` is the loop (AdamW, cosine decay, EMA, bf16 autocast on GPU and channels-last
+memory, :mod:`~d2r_dask.models.precision`; progress,
 validation log, atomic checkpoints, ``resume``). Its batches come from a data loader
 (:mod:`.loader`: drawn ahead, in worker processes). Everything random in a step is
 keyed by ``(seed, step)``, and the optimiser, scheduler and EMA are checkpointed,
@@ -42,7 +42,7 @@ from ..io.files import atomic_write
 from ..io.geometry import check_factor, check_mode
 from ..io.volume import check_output_path
 from ..models.checkpoint import TRAIN_STATE, read_config, read_train_state, save_checkpoint
-from ..models.precision import channels_last, train_bf16
+from ..models.precision import autocast_bf16, channels_last
 from .loader import Batches, step_loader
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def fit(
     metrics_path = out / "metrics.csv"
     _truncate_log(metrics_path, start)
 
-    use_amp = cfg.amp and train_bf16(device, model)
+    use_amp = cfg.amp and autocast_bf16(device)
     t0, keep = time.time(), max(cfg.val_every, 50)
     from tqdm.auto import tqdm
 
@@ -398,7 +398,7 @@ def train_restorer(
     def validate(ema: torch.nn.Module, step: int) -> dict[str, float]:
         gen = torch.Generator(device=device).manual_seed(tcfg.seed)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                            enabled=tcfg.amp and train_bf16(device, ema)):
+                            enabled=tcfg.amp and autocast_bf16(device)):
             pred = sde.sample(ema, val_mu, sampler=sampler, steps=sampler_steps, generator=gen, x0_range=sde.X0_RANGE)
         pred = pred.float().cpu().numpy()[:, 0]
         _save_panels(out / "validation.png", [cond, pred, target], ["condition (cubic)", "restored", "target"])
@@ -541,7 +541,7 @@ def train_dgean(
 
     def validate(ema: torch.nn.Module, step: int) -> dict[str, float]:
         with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                                             enabled=tcfg.amp and train_bf16(device, ema)):
+                                             enabled=tcfg.amp and autocast_bf16(device)):
             pred = ema(val_lr).float().cpu().numpy()[:, 0]
         target = val_hr.cpu().numpy()[:, 0]
         lin = upsample_axis(val_lr.cpu().numpy()[:, 0], s, axis=1, mode=dcfg.mode, method="linear")
