@@ -1,6 +1,6 @@
 """Precision and memory layout side by side: float32 vs channels-last vs bf16 autocast.
 
-What :mod:`d2r_dask.models.precision` decides, measured on this machine, one process, in turn:
+The measurements behind :mod:`d2r_dask.models.precision`, on this machine, one process, in turn:
 
 * DGEAN training step (AdamW, Stage III's loss) on the CPU ``auto`` batch: 4 patches of
   ``patch_lr_z`` x 48 x 48 LR voxels;
@@ -9,9 +9,9 @@ What :mod:`d2r_dask.models.precision` decides, measured on this machine, one pro
   64 slices of 252 x 250 pixels (a Stage II batch).
 
 Each is timed in three forms: ``float32`` (contiguous, the layout before channels-last),
-``float32 channels-last``, and ``bf16 channels-last`` (autocast). ``native_bf16`` says whether
-the default uses bf16 here. The bf16 row is skipped where the CPU lacks native bf16 (it would
-be emulated). Prints a table and saves ``results/precision_<cpu>.json``::
+``float32 channels-last`` (what the code runs on a CPU), and ``bf16 channels-last`` (autocast;
+what it runs on a GPU). The bf16 rows are skipped on a CPU without native bf16 (AMX or
+AVX512-BF16), which would emulate it. Prints a table and saves ``results/precision_<cpu>.json``::
 
     python benchmarks/bench_precision.py                    # about a minute on 2 cores
     python benchmarks/bench_precision.py --dgean-preset full --device cuda
@@ -28,6 +28,16 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import machine_info, print_table, repeat_timed, save  # noqa: E402
+
+
+def native_bf16(device: Any) -> bool:
+    """Whether ``device`` computes bf16 natively: a GPU, or a CPU with AMX or AVX512-BF16."""
+    import torch
+
+    if device.type != "cpu":
+        return True
+    checks = [getattr(torch.cpu, n, None) for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(check() for check in checks if check is not None)
 
 
 def _forms(native: bool) -> list[tuple[str, bool, bool]]:
@@ -47,7 +57,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     from d2r_dask.models.dgean import DGEAN, dgean_config
     from d2r_dask.models.losses import hf_loss
     from d2r_dask.models.nafnet import ConditionalNAFNet, nafnet_config
-    from d2r_dask.models.precision import channels_last, channels_last_input, native_bf16
+    from d2r_dask.models.precision import channels_last, channels_last_input
 
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -121,11 +131,10 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from d2r_dask.models.precision import native_bf16
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    info = {**machine_info(), "torch_threads": torch.get_num_threads(), "native_bf16": native_bf16(args.device)}
+    info = {**machine_info(), "torch_threads": torch.get_num_threads(),
+            "native_bf16": native_bf16(torch.device(args.device))}
     rows = run(args)
     print(f"{info['cpu_model']}, {info['torch_threads']} threads, native bf16: {info['native_bf16']}, "
           f"load {info['load_average_at_start'][0]:.2f}")

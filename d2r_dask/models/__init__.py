@@ -7,7 +7,7 @@
 * :mod:`.intensity` -- the intensity maps and the cast to the stored dtype, with torch on the device
   (the same bits as :class:`~d2r_dask.data.intensity.Intensity` and :func:`d2r_dask.io.volume.to_dtype`).
 * :mod:`.losses` -- training losses.
-* :mod:`.precision` -- where bf16 autocast and channels-last memory pay, per device.
+* :mod:`.precision` -- bf16 autocast on a GPU, channels-last memory on every device.
 * :mod:`.config` -- strict parsing of stored model configs.
 * :mod:`.checkpoint` -- ``weights.safetensors`` + ``config.json``, and loading each family from them.
 
