@@ -233,7 +233,7 @@ def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, An
 
 
 AUTO: dict[str, dict[str, dict[str, Any]]] = {
-    # 2 CPU cores: `d2r run` on a 250^3 volume at x4 in TIME minutes (README, "Quality").
+    # 2 CPU cores: `d2r run` on a 250^3 volume at x4 in 23 minutes (README, "Quality").
     # DGEAN: thin patches (4 LR slices), which were +0.10 dB at x8 and -0.04 at x4 against 8 deep;
     # medium with channels-last memory (models.precision) trains 4000 steps within the 30-minute
     # bound (in the former layout 3000 steps took 30.5 minutes); more steps, higher SR (README).
