@@ -139,7 +139,8 @@ def main() -> None:
     print(f"{info['cpu_model']}, {info['torch_threads']} threads, native bf16: {info['native_bf16']}, "
           f"load {info['load_average_at_start'][0]:.2f}")
     print_table(rows, ["what", "form", "median_s", "min_s", "speedup"])
-    name = re.sub(r"[^a-z0-9]+", "-", (info["cpu_model"] if args.device == "cpu" else torch.cuda.get_device_name(args.device)).lower()).strip("-")
+    card = info["cpu_model"] if args.device == "cpu" else torch.cuda.get_device_name(args.device)
+    name = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
     save(f"precision_{name}", {"machine": info, "args": vars(args), "rows": rows})
 
 

@@ -85,6 +85,10 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def bf16_on(self, device: torch.device) -> bool:
+        """Whether training and validation on ``device`` run in bf16 autocast: ``amp`` and a GPU."""
+        return self.amp and autocast_bf16(device)
+
 
 def check_device(device: str | None, *, here: bool = True) -> None:
     """Refuse a device torch does not know, or (``here``) a GPU this machine does not have
@@ -184,7 +188,7 @@ def fit(
     metrics_path = out / "metrics.csv"
     _truncate_log(metrics_path, start)
 
-    use_amp = cfg.amp and autocast_bf16(device)
+    use_amp = cfg.bf16_on(device)
     t0, keep = time.time(), max(cfg.val_every, 50)
     from tqdm.auto import tqdm
 
@@ -397,8 +401,7 @@ def train_restorer(
 
     def validate(ema: torch.nn.Module, step: int) -> dict[str, float]:
         gen = torch.Generator(device=device).manual_seed(tcfg.seed)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                            enabled=tcfg.amp and autocast_bf16(device)):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=tcfg.bf16_on(device)):
             pred = sde.sample(ema, val_mu, sampler=sampler, steps=sampler_steps, generator=gen, x0_range=sde.X0_RANGE)
         pred = pred.float().cpu().numpy()[:, 0]
         _save_panels(out / "validation.png", [cond, pred, target], ["condition (cubic)", "restored", "target"])
@@ -541,7 +544,7 @@ def train_dgean(
 
     def validate(ema: torch.nn.Module, step: int) -> dict[str, float]:
         with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                                             enabled=tcfg.amp and autocast_bf16(device)):
+                                             enabled=tcfg.bf16_on(device)):
             pred = ema(val_lr).float().cpu().numpy()[:, 0]
         target = val_hr.cpu().numpy()[:, 0]
         lin = upsample_axis(val_lr.cpu().numpy()[:, 0], s, axis=1, mode=dcfg.mode, method="linear")
