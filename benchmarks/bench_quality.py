@@ -132,7 +132,8 @@ def markdown(payload: dict[str, Any]) -> str:
         lines += [f"## x{s} (LR {tuple(rec['lr_shape'])})", "",
                   f"- configuration: restorer `{cfg['restorer']['preset']}` ({cfg['restorer']['recipe']} recipe), "
                   f"{cfg['restorer']['steps']} steps, sampler {cfg['restorer']['sampler'] or 'posterior'}@"
-                  f"{cfg['restorer']['sampler_steps']}; DGEAN `{cfg['dgean']['preset']}`, {cfg['dgean']['steps']} "
+                  f"{cfg['restorer']['sampler_steps']}, Stage II flips {cfg['restore'].get('flips') or 'none'}; "
+                  f"DGEAN `{cfg['dgean']['preset']}`, {cfg['dgean']['steps']} "
                   f"steps; intensity mapping {rec['intensity']}",
                   f"- `d2r run` stages took {sum(rec['stage_seconds'].values()) / 60:.1f} min; per stage (s): "
                   + ", ".join(f"{k} {v:.0f}" for k, v in rec["stage_seconds"].items())]

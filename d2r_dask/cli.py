@@ -431,14 +431,18 @@ roi_option = click.option("--roi", nargs=6, type=int, default=None, metavar="Z0 
 @click.option("--seed", type=int, default=0)
 @click.option("--slice-batch", type=int, default=64, help="Slices per forward pass of the restorer.")
 @click.option("--batch", type=int, default=None, hidden=True, help="Deprecated name of --slice-batch.")
+@click.option("--flip", "flips", type=click.Choice(["z", "lateral"]), multiple=True,
+              help="Also restore each slice flipped along this axis and average (repeatable; each doubles "
+                   "the work).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the network (GPU).")
 @cluster_options
 @_levels_option
 @_overwrite_option
 def restore(lr_volume: Location, output: Location, model: Path, roi: tuple[int, ...] | None,
             block: tuple[int, int, int], halo: tuple[int, int, int], overlap: tuple[int, int, int] | None,
-            sampler: str | None, steps: int | None, seed: int, slice_batch: int, batch: int | None, compile_: bool,
-            scheduler: str | None, workers: int | None, serial: bool, levels: int, overwrite: bool) -> None:
+            sampler: str | None, steps: int | None, seed: int, slice_batch: int, batch: int | None,
+            flips: tuple[str, ...], compile_: bool, scheduler: str | None, workers: int | None, serial: bool,
+            levels: int, overwrite: bool) -> None:
     """Stage II: restore every XZ and YZ slice of LR_VOLUME and fuse them (pseudo-HR)."""
     from .stages.restore import restore as run_restore
 
@@ -450,9 +454,8 @@ def restore(lr_volume: Location, output: Location, model: Path, roi: tuple[int, 
 
     with _client(scheduler, workers, serial) as client:
         run_restore(lr_volume, output, model, roi=_roi(roi), block=block, halo=halo, sampler=sampler,
-                    steps=steps, seed=seed, slice_batch=slice_batch, compile=compile_, client=client, serial=serial,
-                    overwrite=overwrite,
-                    levels=levels)
+                    steps=steps, seed=seed, slice_batch=slice_batch, flips=flips, compile=compile_, client=client,
+                    serial=serial, overwrite=overwrite, levels=levels)
     click.echo(f"wrote {output}")
 
 

@@ -119,6 +119,7 @@ def restore_slices(
     sampler: str | None = None,
     steps: int | None = None,
     slice_batch: int | None = None,
+    flips: Sequence[str] | None = None,
     voxel_size: Sequence[float] | None = None,
     translation: Sequence[float] | None = None,
     client: Any = None,
@@ -126,7 +127,8 @@ def restore_slices(
 ) -> xr.DataArray:
     """Stage II, lazily: XZ and/or YZ slices restored and fused into the pseudo-HR volume.
 
-    ``orientation`` is ``"both"`` (averaged, as ``d2r restore``), ``"xz"`` or ``"yz"``.
+    ``orientation`` is ``"both"`` (averaged, as ``d2r restore``), ``"xz"`` or ``"yz"``;
+    ``flips`` (``"z"``, ``"lateral"``) also restores each slice flipped and averages.
     Tiles of ``block`` LR voxels grown by ``halo`` restore the slices they own and are
     cross-faded as the engine's ``slices`` mode does, and the sampler's noise is keyed by
     global voxel coordinates and ``seed``, so the result equals ``d2r restore`` with the same
@@ -145,7 +147,8 @@ def restore_slices(
         steps=steps if steps is not None else opts.get("steps"),
         seed=int(seed if seed is not None else opts.get("seed", 0)),
         slice_batch=int(slice_batch if slice_batch is not None else opts.get("slice_batch", 64)),
-        compile=bool(opts.get("compile", False)), orientation=orientation)
+        compile=bool(opts.get("compile", False)), orientation=orientation,
+        flips=tuple(flips if flips is not None else opts.get("flips", ())))
     layout = job["layout"]
     command = f"`d2r restore LR.zarr PSEUDO_HR.zarr --model {spec.path}`"
     return _lazy(vol, job, layout, command, client, max_blocks)

@@ -268,6 +268,19 @@ def test_channels_last_3d_matches_contiguous() -> None:
     torch.testing.assert_close(y, reference, rtol=0, atol=1e-5)
 
 
+def test_channel_attention_pools_after_the_squeeze_without_changing_the_function() -> None:
+    """The pool runs on the squeezed channels; it must equal the textbook order (pool, then
+    squeeze), pad voxels at the border included."""
+    torch.manual_seed(0)
+    attention = dgean.LocalChannelAttention(12, pool=3, reduction=4)
+    for p in attention.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.rand(2, 12, 3, 5, 6)
+    with torch.no_grad():
+        reference = x * attention.excite(attention.pool(x))
+        torch.testing.assert_close(attention(x), reference, rtol=0, atol=1e-6)
+
+
 def test_thirty_adam_steps_reduce_l1() -> None:
     torch.manual_seed(0)
     s = 4

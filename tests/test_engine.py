@@ -17,11 +17,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import dask.array as da
 import numpy as np
 import pytest
 
 from d2r_dask.blockwise import jobstate, runtime, scheduler
 from d2r_dask.blockwise.layout import Layout, read_reflected, reflect_index
+from d2r_dask.blockwise.overlap import lazy_blockwise
 from d2r_dask.blockwise.runtime import worker_stats
 from d2r_dask.blockwise.scheduler import run_blockwise
 from d2r_dask.blockwise.stitching import apply_whole, blend_weights
@@ -309,6 +311,9 @@ def test_single_voxel_axis_with_halo(tmp_path: Path, write_random_volume: Callab
     with pytest.raises(InputError, match="1 voxel along z"):
         run_blockwise(path, tmp_path / "o.zarr", conv(), block=(1, 8, 8), halo=RF, serial=True, progress=False)
     assert not (tmp_path / "o.zarr").exists()
+    lazy = Layout(roi=Box((0, 0, 0), (1, 20, 20)), block=(1, 8, 8), halo=RF)
+    with pytest.raises(InputError, match="1 voxel along z"):  # the lazy API: the same check
+        lazy_blockwise(da.zeros((1, 20, 20), dtype="f4"), conv(), lazy, out_dtype="f4")
 
 
 def test_halo_smaller_than_receptive_field(tmp_path: Path, volume: tuple[Path, np.ndarray]) -> None:

@@ -87,8 +87,8 @@ def reference(lr: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, A
 
 def test_plan_counts_blocks_tiles_and_evaluations(tmp_path: Path) -> None:
     path = write(tmp_path / "lr.zarr", np.zeros((8, 40, 40), np.uint8), VOXEL, ORIGIN)
-    cfg = replace(tiny_config(), restore=RestoreStage(max_roi=(8, 32, 32), block=(4, 16, 16), halo=(1, 4, 4)),
-                  infer=InferStage(block=(4, 16, 16)))
+    cfg = replace(tiny_config(), restore=RestoreStage(max_roi=(8, 32, 32), block=(4, 16, 16), halo=(1, 4, 4),
+                                                      flips=()), infer=InferStage(block=(4, 16, 16)))
     p = plan(path, cfg)
     assert p["input"]["shape"] == (8, 40, 40) and p["input"]["output_shape"] == (32, 40, 40)
     one, two, three, four = p["stages"]
@@ -101,6 +101,9 @@ def test_plan_counts_blocks_tiles_and_evaluations(tmp_path: Path) -> None:
     assert two["network_evaluations"] == 256 * 2
     assert two["pixel_evaluations"] == 256 * (6 * S) * 24 * 2
     assert two["useful_pixel_evaluations"] == 64 * (8 * S) * 32 * 2
+    flipped = plan(path, replace(cfg, restore=replace(cfg.restore, flips=("z", "lateral"))))["stages"][1]
+    assert flipped["flips"] == ["z", "lateral"] and flipped["network_evaluations"] == 4 * 256 * 2
+    assert flipped["pixel_evaluations"] == 4 * two["pixel_evaluations"]
     whole = plan(path, replace(cfg, restore=RestoreStage(max_roi=(8, 32, 32), block=(8, 32, 32))))["stages"][1]
     assert whole["tiles"] == 1 and whole["halo"] == [0, 0, 0]  # one tile: nothing to blend, no halo
     assert whole["pixel_evaluations"] == whole["useful_pixel_evaluations"]
@@ -384,13 +387,14 @@ def test_resume_after_kill_9_on_fib25_x4(tmp_path: Path, shared_data: Callable[[
 # --- configuration files ---------------------------------------------------------------------------
 
 PARTIAL = {"factor": 8, "mode": "mean", "restorer": {"steps": 5, "preset": "small"},
-           "restore": {"block": [8, 32, 32], "roi": [0, 0, 0, 4, 16, 16]}, "infer": {"tta": True}}
+           "restore": {"block": [8, 32, 32], "roi": [0, 0, 0, 4, 16, 16], "flips": ["lateral"]},
+           "infer": {"tta": True}}
 
 
 def test_config_files_yaml_and_toml(tmp_path: Path) -> None:
     expected = replace(RunConfig(factor=8, mode="mean"),
                        restorer=RestorerStage(steps=5, preset="small"),
-                       restore=RestoreStage(block=(8, 32, 32), roi=(0, 0, 0, 4, 16, 16)),
+                       restore=RestoreStage(block=(8, 32, 32), roi=(0, 0, 0, 4, 16, 16), flips=("lateral",)),
                        infer=InferStage(tta=True))
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(PARTIAL))
     (tmp_path / "run.toml").write_text(textwrap.dedent("""
@@ -402,6 +406,7 @@ def test_config_files_yaml_and_toml(tmp_path: Path) -> None:
         [restore]
         block = [8, 32, 32]
         roi = [0, 0, 0, 4, 16, 16]
+        flips = ["lateral"]
         [infer]
         tta = true
     """))
@@ -416,6 +421,7 @@ def test_config_files_yaml_and_toml(tmp_path: Path) -> None:
     ("factor: 4\nrestorer:\n  stepz: 3\n", "stepz"),
     ("factor: 4\nrestorer: 5\n", "restorer"),
     ("factor: 4\nrestore:\n  block: 16\n", "block"),
+    ("factor: 4\nrestore:\n  flips: [x]\n", "flips must be distinct values out of z, lateral"),
     ("factor: 4\ndgean:\n  steps: many\n", "steps"),
     ("factor: 4\ninfer:\n  block: [16, 128]\n", "block"),
     ("factor: 1\n", "factor"),

@@ -110,6 +110,8 @@ def test_auto_presets_follow_the_device() -> None:
     assert (cpu.restorer.preset, cpu.dgean.preset) == ("tiny", "medium")
     assert (gpu.restorer.preset, gpu.dgean.preset) == ("full", "full")
     assert cpu.restorer.steps and cpu.dgean.steps and gpu.restorer.steps > cpu.restorer.steps
+    assert (cpu.restore.flips, gpu.restore.flips) == ((), ())  # resolved, so run.json records them
+    assert resolve_auto(RunConfig(factor=4, restore=RestoreStage(flips=["z"])), "cpu").restore.flips == ("z",)
     explicit = RunConfig(factor=4, restorer=RestorerStage(preset="small", steps=7))
     assert resolve_auto(explicit, "cuda").restorer.preset == "small"
     assert resolve_auto(explicit, "cuda").restorer.steps == 7

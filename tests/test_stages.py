@@ -233,6 +233,65 @@ def test_stage2_restores_each_slice_once_and_fuses_like_the_3d_blend(tmp_path: P
     np.testing.assert_allclose(out, ref, atol=2e-5)
 
 
+@pytest.mark.parametrize("mode", ["decimate", "mean"])
+def test_stage2_flips_map_every_voxel_back_to_itself(mode: str, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flipped copies are flipped back onto the voxels they restore. A stand-in network that
+    writes each output voxel's noise keys (its global z, and its lateral coordinate) must give
+    the keys back after the average; one that interpolates (flip-equivariant) must give the
+    unflipped restoration. In decimate mode the s - 1 slices past the last LR slice have no
+    mirror and keep the unflipped copies only."""
+    from d2r_dask.data.degrade import upsample_axis
+    from d2r_dask.io.geometry import hr_to_lr_coord, mirror_reach
+
+    n = 5
+    reach = mirror_reach(n, S, mode)
+    j = np.arange(n * S)
+    mirrored = j[:reach + 1]
+    np.testing.assert_allclose(hr_to_lr_coord(reach - mirrored, S, mode), n - 1 - hr_to_lr_coord(mirrored, S, mode))
+    assert reach == ((n - 1) * S if mode == "decimate" else n * S - 1)
+
+    slices = np.random.default_rng(0).random((3, n, 11), dtype=np.float32)
+    keys = (np.arange(40, 40 + n * S)[None, :, None], np.arange(3)[:, None, None], np.arange(7, 18)[None, None, :])
+    model = restorer_checkpoint(tmp_path / "r", mode=mode)
+    plain = RestorerProcessor(str(model), "cpu")
+    both = RestorerProcessor(str(model), "cpu", flips=("lateral", "z"))
+    streams: list[int] = []
+
+    def key_writer(self: RestorerProcessor, x: np.ndarray, k: tuple, stream: int) -> np.ndarray:
+        streams.append(stream)
+        return np.broadcast_to(k[0] * 1000.0 + k[2], (len(x), x.shape[1] * S, x.shape[2])).astype(np.float32)
+
+    monkeypatch.setattr(RestorerProcessor, "_restore", key_writer)
+    np.testing.assert_array_equal(both.restore_slices(slices, keys, 1), plain.restore_slices(slices, keys, 1))
+    assert streams == [1, 3, 5, 7, 1]  # each copy draws its own noise; no flips: the stream of before
+
+    def interpolate(self: RestorerProcessor, x: np.ndarray, k: tuple, stream: int) -> np.ndarray:
+        return upsample_axis(x, S, axis=1, mode=mode, method="cubic")
+
+    monkeypatch.setattr(RestorerProcessor, "_restore", interpolate)
+    np.testing.assert_allclose(both.restore_slices(slices, keys, 0), plain.restore_slices(slices, keys, 0), atol=1e-6)
+    z_only = RestorerProcessor(str(model), "cpu", flips=["z"])
+    assert z_only.flips == ("z",)
+
+
+def test_stage2_flips_through_the_engine(stage2: dict[str, Any], tmp_path: Path) -> None:
+    """``flips`` reaches the processor through ``restore``: a network that is not
+    flip-equivariant gives another pseudo-HR, stored like the plain one and, its noise keyed by
+    global voxels, the same whatever the input's chunking."""
+    from d2r_dask.errors import InputError
+
+    out = open_volume(restore(stage2["a"], tmp_path / "flip_a.zarr", stage2["model"], flips=("z", "lateral"),
+                              **RESTORE)).values
+    assert out.shape == stage2["ref"].shape and out.dtype == stage2["ref"].dtype
+    assert not np.array_equal(out, stage2["ref"])
+    again = restore(stage2["b"], tmp_path / "flip_b.zarr", stage2["model"], flips=("lateral", "z"), **RESTORE)
+    np.testing.assert_array_equal(open_volume(again).values, out)
+    with pytest.raises(InputError, match="distinct values out of z, lateral"):
+        restore(stage2["a"], tmp_path / "bad.zarr", stage2["model"], flips=("x",), **RESTORE)
+    assert not (tmp_path / "bad.zarr").exists()
+
+
 def test_stage2_restorer_runs_only_in_slices_mode(stage2: dict[str, Any], tmp_path: Path) -> None:
     from d2r_dask.blockwise.processors import ModelSpec
     from d2r_dask.blockwise.scheduler import run_blockwise

@@ -102,6 +102,19 @@ class Layout:
         """What a read box adds to its block on each side: the halo and, in blend mode, the context."""
         return tuple(h + c for h, c in zip(self.halo, self.context))  # type: ignore[return-value]
 
+    def check_volume(self, shape: Sequence[int]) -> None:
+        """Refuse a volume of ``shape`` this layout cannot run on: its region outside the
+        volume, or an axis of one voxel where a read box needs context (reflection needs 2)."""
+        if any(a < 0 or b > n for a, b, n in zip(self.roi.start, self.roi.stop, shape)):
+            raise InputError(f"region {self.roi.start}..{self.roi.stop} is outside the volume {tuple(shape)}")
+        for ax, n, m in zip("zyx", shape, self.margin):
+            if m and n < 2:
+                raise InputError(
+                    f"the volume has {n} voxel along {ax}, but the model needs {m} voxel(s) of context there "
+                    f"(read by reflection, which needs >= 2 voxels); use a volume with >= 2 voxels along {ax} "
+                    f"or halo 0 along {ax} if the model works on single {ax}-slices"
+                )
+
     def read_box(self, index: Sequence[int]) -> Box:
         """The full-size block at ``index`` grown by halo and context (ROI-relative; may leave the ROI)."""
         start = tuple(i * b for i, b in zip(index, self.block))

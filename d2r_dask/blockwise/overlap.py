@@ -115,8 +115,7 @@ def lazy_blockwise(
     """
     if data.ndim != 3:
         raise InputError(f"expected a 3D (z, y, x) volume, got {data.ndim} dimension(s)")
-    if any(a < 0 or b > n for a, b, n in zip(layout.roi.start, layout.roi.stop, data.shape)):
-        raise InputError(f"region {layout.roi.start}..{layout.roi.stop} is outside the volume {tuple(data.shape)}")
+    layout.check_volume(data.shape)
     if layout.n_blocks > max_blocks:
         raise InputError(
             f"{layout.n_blocks} blocks of {layout.block} (grid {layout.grid}) is more than the lazy API "
@@ -125,12 +124,6 @@ def lazy_blockwise(
             "(resumable, done-markers, a bounded scheduler)"
         )
     margin = layout.margin
-    for ax, n, m in zip("zyx", data.shape, margin):
-        if m and n < 2:
-            raise InputError(
-                f"the volume has {n} voxel along {ax}, but the model needs {m} voxel(s) of context there "
-                f"(read by reflection, which needs >= 2 voxels); use a volume with >= 2 voxels along {ax}"
-            )
     token = token if token is not None else spec.token()
     per = blocks_per_chunk(layout)
     splits = [_split(g, k) for g, k in zip(layout.grid, per)]

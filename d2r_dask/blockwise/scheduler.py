@@ -23,7 +23,6 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import InputError
 from ..io import stores
 from ..io.geometry import Box, Geometry
 from ..io.stores import Location
@@ -86,18 +85,10 @@ def run_blockwise(
     source = str(source)
     vol = open_volume(source)
     roi = roi or Box((0, 0, 0), tuple(vol.shape))
-    if any(a < 0 or b > n for a, b, n in zip(roi.start, roi.stop, vol.shape)):
-        raise InputError(f"region {roi.start}..{roi.stop} is outside the volume {tuple(vol.shape)}")
-    for ax, n, h, c in zip("zyx", vol.shape, halo, context):
-        if (h or c) and n < 2:
-            raise InputError(
-                f"the volume has {n} voxel along {ax}, but the model needs {h + c} voxel(s) of context there "
-                f"(read by reflection, which needs >= 2 voxels); use a volume with >= 2 voxels along {ax} "
-                f"or halo 0 along {ax} if the model works on single {ax}-slices"
-            )
     layout = Layout(roi=roi, block=tuple(block), halo=tuple(halo), scale=tuple(scale),  # type: ignore[arg-type]
                     stitch=stitch, group=group or default_group(roi.shape, block),
                     context=tuple(context), batch=batch or 0)  # type: ignore[arg-type]
+    layout.check_volume(vol.shape)
     if group is None and not batch:  # the default group: tiny blocks batched per model call
         layout = replace(layout, batch=default_batch(layout.block, layout.margin, layout.group))
     out_dtype = str(np.dtype(out_dtype or vol.dtype))

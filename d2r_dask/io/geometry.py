@@ -84,6 +84,13 @@ def lr_to_hr_coord(k: np.ndarray | float, factor: int, mode: str) -> np.ndarray 
     return np.asarray(k, dtype=np.float64) * factor + offset
 
 
+def mirror_reach(n_lr: int, factor: int, mode: str) -> int:
+    """Reflecting ``n_lr`` LR slices through their centre maps HR slice ``j`` to ``reach - j``:
+    ``(n - 1)·s`` for ``decimate``, ``n·s - 1`` for ``mean``; HR slices ``0 .. reach`` have a
+    mirror image, those past it (``decimate``: the ``s - 1`` after the last LR slice) none."""
+    return int(round(2 * float(lr_to_hr_coord((n_lr - 1) / 2, factor, mode))))
+
+
 def lr_transform(
     hr_scale: Sequence[float], hr_translation: Sequence[float], factor: int, mode: str
 ) -> tuple[FloatTriple, FloatTriple]:

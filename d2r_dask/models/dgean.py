@@ -15,6 +15,7 @@ interpolation of its input (global residual)::
 
     RCAB(f, g) = f + CA(conv─act─conv(f)) · σ(gate(g))
     CA(u)      = u · σ(1×1─act─1×1(local_mean(u)))      local_mean: AvgPool3d, stride 1
+                 (computed as local_mean(1×1(u)): the same, on a quarter of the channels)
 
 * **ZInterp** places HR slice ``j = k·s + p`` at its true LR coordinate ``k + δ_p`` (Geometry in
   D2R.md): ``decimate`` → ``δ_p = p/s``; ``mean`` → ``δ_p = (p − (s−1)/2)/s``. Linear or
@@ -25,7 +26,9 @@ interpolation of its input (global residual)::
   residual, so edges decide where the trunk writes.
 * **RCAB** (3D residual channel-attention block): ``f + CA(conv(act(conv(f)))) · σ(gate(g))``.
   Channel attention squeezes a *local* mean (``AvgPool3d``, stride 1, kernel ``ca_pool``)
-  instead of a global one, so the output never depends on the block size.
+  instead of a global one, so the output never depends on the block size. A mean commutes with
+  the first 1×1 conv (its weights sum to 1), so the pool runs after the squeeze, on
+  ``C / ca_reduction`` channels (``medium``: a 1.15× faster training step on 2 CPU cores).
 * **Upsampling**: a conv to ``C·s`` channels, then channel ``c·s + p`` becomes HR slice
   ``k·s + p`` (sub-pixel shuffle along z only), then one HR conv to a single channel. It is
   zero-initialised, so an untrained DGEAN *is* the interpolation and training starts there.
@@ -260,7 +263,12 @@ def _act() -> nn.Module:
 
 
 class LocalChannelAttention(nn.Module):
-    """Squeeze-excite on a local mean (stride-1 pool), so blocks of any size agree."""
+    """Squeeze-excite on a local mean (stride-1 pool), so blocks of any size agree.
+
+    ``pool(squeeze(x)) == squeeze(pool(x))`` (a 1×1 conv is per voxel and the pool's weights sum
+    to 1, pad voxels excluded), so the pool runs on the squeezed channels: the same function and
+    the same parameters, with ``reduction``-times less pooling work.
+    """
 
     def __init__(self, width: int, *, pool: int, reduction: int) -> None:
         super().__init__()
@@ -275,7 +283,8 @@ class LocalChannelAttention(nn.Module):
         return _radius(self.pool)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * self.excite(self.pool(x))
+        squeeze, rest = self.excite[0], self.excite[1:]
+        return x * rest(self.pool(squeeze(x)))
 
 
 class RCAB(nn.Module):

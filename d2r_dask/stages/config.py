@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import InitVar, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from ..errors import InputError, renamed
 from ..io.geometry import check_factor, check_mode
@@ -36,6 +36,18 @@ class RestorerStage:
     sampler_steps: int | None = None
 
 
+FLIPS = ("z", "lateral")
+"""The flips Stage II can also restore each slice under (``restore.flips``); each doubles its work."""
+
+
+def check_flips(flips: str | Sequence[str]) -> tuple[str, ...]:
+    """``flips`` (one name or several) as a tuple in canonical order, or an error naming the allowed ones."""
+    flips = (flips,) if isinstance(flips, str) else tuple(flips)
+    if not set(flips) <= set(FLIPS) or len(set(flips)) != len(flips):
+        raise InputError(f"restore flips must be distinct values out of {', '.join(FLIPS)}, got {list(flips)}")
+    return tuple(f for f in FLIPS if f in flips)
+
+
 @dataclass(frozen=True)
 class RestoreStage:
     """Stage II: pseudo-HR by restoring XZ/YZ slices (``roi``: LR voxels z0 y0 x0 z1 y1 x1).
@@ -45,6 +57,8 @@ class RestoreStage:
     ``overlap`` and ``batch`` are their deprecated names. The default ``block`` cuts the
     default region in two along y only: two tasks (the two workers of a CPU's local cluster),
     every XZ slice restored once, the YZ slices over 1.25x their length (1.125x in all).
+    ``flips``: also restore every slice flipped along ``z`` and/or ``lateral`` and average
+    (each doubles Stage II's work; ``None``: :func:`resolve_auto`).
     """
 
     roi: tuple[int, ...] | None = None
@@ -52,10 +66,13 @@ class RestoreStage:
     block: tuple[int, int, int] = (64, 128, 256)
     halo: tuple[int, int, int] = (4, 16, 16)
     slice_batch: int = 64
+    flips: tuple[str, ...] | None = None
     overlap: InitVar[tuple[int, int, int] | None] = None
     batch: InitVar[int | None] = None
 
     def __post_init__(self, overlap: tuple[int, int, int] | None, batch: int | None) -> None:
+        if self.flips is not None:
+            object.__setattr__(self, "flips", check_flips(self.flips))
         if overlap is not None:
             object.__setattr__(self, "halo", renamed("RestoreStage(overlap=...)", "halo", overlap))
         if batch is not None:
@@ -233,15 +250,20 @@ def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, An
 
 
 AUTO: dict[str, dict[str, dict[str, Any]]] = {
-    # 2 CPU cores: `d2r run` on a 250^3 volume at x4 in 23 minutes (README, "Quality").
+    # 2 CPU cores: `d2r run` on a 250^3 volume at x4 in 24 minutes (README, "Quality").
     # DGEAN: thin patches (4 LR slices), which were +0.10 dB at x8 and -0.04 at x4 against 8 deep;
-    # medium with channels-last memory (models.precision) trains 4000 steps within the 30-minute
-    # bound (in the former layout 3000 steps took 30.5 minutes); more steps, higher SR (README).
+    # medium with channels-last memory (models.precision) and the attention pool after the squeeze
+    # (models.dgean) trains 5000 steps within the 30-minute bound (in the first layout 3000 steps
+    # took 30.5 minutes); more steps, higher SR (README). No Stage II flips on either device: a
+    # z-flipped copy lifted the x4 pseudo-HR by 0.014 dB but not the SR trained on it (-0.02 dB,
+    # two seeds; README).
     "cpu": {"restorer": {"preset": "tiny", "steps": 2000, "sampler_steps": 1},
-            "dgean": {"preset": "medium", "steps": 4000, "patch_lr_z": 4}},
+            "restore": {"flips": ()},
+            "dgean": {"preset": "medium", "steps": 5000, "patch_lr_z": 4}},
     # one GPU: the full-size networks; sized for benchmarks/gpu_quality.sh (fib25 x8 in ~10 minutes),
     # not yet measured on a GPU.
     "cuda": {"restorer": {"preset": "full", "steps": 4000, "sampler_steps": 3},
+             "restore": {"flips": ()},
              "dgean": {"preset": "full", "steps": 3000, "patch_lr_z": 8}},
 }
 """What ``preset: auto`` and the unset steps mean on each device type."""
@@ -265,7 +287,7 @@ def resolve_auto(cfg: RunConfig, device: str | None = None) -> RunConfig:
             changes.pop("sampler_steps", None)  # the authors' sampler: sde over all T steps
         return replace(section, **changes)
 
-    return replace(cfg, restorer=fill(cfg.restorer, table["restorer"]), dgean=fill(cfg.dgean, table["dgean"]))
+    return replace(cfg, **{name: fill(getattr(cfg, name), values) for name, values in table.items()})
 
 
 def config_template(factor: int = 4) -> dict[str, Any]:

@@ -191,8 +191,9 @@ def plan(lr_path: str | os.PathLike, cfg: RunConfig) -> dict[str, Any]:
     roi = sizes.roi
     sampler, nfe = _restorer_config(cfg).resolved_sampler()
     nfe = nfe or 100  # what Stage II runs, whichever the sampler (sde without steps runs all T)
+    copies = 2 ** len(cfg.restore.flips or ())  # each flip restores every slice once more
     tiles = stage2_layout(shape, roi, block=cfg.restore.block, halo=cfg.restore.halo, factor=s)
-    work = stage2_work(tiles, nfe=nfe)
+    work = stage2_work(tiles, nfe=nfe * copies)
     dcfg = dgean_config(cfg.dgean.preset, s, cfg.mode)
     halo = receptive_field(dcfg)
     sized = infer_block(shape, dcfg, device_info(cfg.device), block=cfg.infer.block, tta=cfg.infer.tta)
@@ -207,9 +208,10 @@ def plan(lr_path: str | os.PathLike, cfg: RunConfig) -> dict[str, Any]:
              "patch": [sizes.restorer_patch, sizes.restorer_patch], "preset": cfg.restorer.preset},
             {"stage": "II restore XZ/YZ", "roi": [list(roi.start), list(roi.stop)], "tiles": tiles.n_blocks,
              "block": list(tiles.block), "halo": list(tiles.halo), "slices": work["slices"],
-             "useful_slices": work["useful_slices"], "network_evaluations": work["slices"] * nfe,
+             "useful_slices": work["useful_slices"], "network_evaluations": work["slices"] * nfe * copies,
              "pixel_evaluations": work["pixel_evaluations"],
-             "useful_pixel_evaluations": work["useful_pixel_evaluations"], "sampler": f"{sampler} x{nfe}"},
+             "useful_pixel_evaluations": work["useful_pixel_evaluations"], "sampler": f"{sampler} x{nfe}",
+             "flips": list(cfg.restore.flips or ())},
             {"stage": "III train DGEAN", "steps": cfg.dgean.steps, "batch": cfg.dgean.batch_size,
              "patch": [sizes.dgean_patch_lr_z * s, sizes.dgean_patch_xy, sizes.dgean_patch_xy],
              "network_evaluations": cfg.dgean.steps * cfg.dgean.batch_size, "preset": cfg.dgean.preset},
@@ -398,7 +400,8 @@ def _run(paths: Paths, cfg: RunConfig, *, client: Any, serial: bool, overwrite: 
     trained("restorer", paths.restorer)
     stage("pseudo_hr", is_complete(paths.pseudo_hr), lambda: restore(
         paths.lr, paths.pseudo_hr, paths.restorer, roi=sizes.roi, block=cfg.restore.block, halo=cfg.restore.halo,
-        seed=cfg.seed, slice_batch=cfg.restore.slice_batch, client=client, serial=serial, progress=progress))
+        seed=cfg.seed, slice_batch=cfg.restore.slice_batch, flips=cfg.restore.flips or (), client=client,
+        serial=serial, progress=progress))
     stage("dgean", _training_done(paths.dgean, d.steps), lambda: train(
         "dgean", train_dgean, paths.pseudo_hr, paths.dgean,
         DGEANTrainConfig(factor=cfg.factor, mode=cfg.mode, preset=d.preset, patch_xy=sizes.dgean_patch_xy,

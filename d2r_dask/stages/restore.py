@@ -16,10 +16,19 @@ halo there (:func:`stage2_layout`): a volume of one tile restores each slice exa
 Every Gaussian draw of the sampler is keyed by ``(seed, orientation, step, global HR voxel)``
 (made on the device when that is a GPU, :mod:`d2r_dask.models.noise`), so the result does not
 depend on chunking or worker count.
+
+``flips`` (self-ensemble): each slice is also restored flipped along z and/or along its lateral
+axis, and the restorations, flipped back, are averaged. The network is not equivariant to
+flips, so its errors differ between the copies and partly cancel; each flip doubles the
+work. A z-flip reflects the slice through its centre, which maps HR slice ``j`` to
+``reach - j`` (:func:`~d2r_dask.io.geometry.mirror_reach`); in ``decimate`` mode the ``s - 1``
+slices past the last LR slice have no mirror and keep the unflipped restorations only. Each
+copy draws its own noise, keyed by the global voxel it restores.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from typing import Any, Sequence
@@ -35,10 +44,11 @@ from ..data.degrade import upsample_axis
 from ..data.intensity import Intensity
 from ..data.noise import keyed_normal
 from ..errors import InputError, renamed
-from ..io.geometry import Box, Triple, sr_geometry
+from ..io.geometry import Box, Triple, mirror_reach, sr_geometry
 from ..io.volume import open_volume
 from ..models.noise import keyed_normal as keyed_normal_on_device
 from ..models.precision import autocast_bf16, channels_last
+from .config import FLIPS, check_flips
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +65,7 @@ class RestorerProcessor:
 
     def __init__(self, directory: str, device: str, *, sampler: str | None = None, steps: int | None = None,
                  seed: int = 0, slice_batch: int = 64, orientations: Sequence[str] = ("xz", "yz"),
-                 compile: bool = False, batch: int | None = None) -> None:
+                 flips: Sequence[str] = (), compile: bool = False, batch: int | None = None) -> None:
         from ..models.checkpoint import load_restorer
 
         if batch is not None:  # the option's former name
@@ -76,6 +86,7 @@ class RestorerProcessor:
         if not set(orientations) <= set(SLICE_AXIS) or not orientations:
             raise InputError(f"orientations must be xz and/or yz, got {orientations}")
         self.orientations = tuple(orientations)
+        self.flips = check_flips(flips)
         self.slice_axes: tuple[int, ...] = tuple(SLICE_AXIS[o] for o in self.orientations)
         self.scale: Triple = (self.factor, 1, 1)
         self.halo: Triple = (0, 0, 0)  # a diffusion U-Net: tiles are blended, not cropped
@@ -92,11 +103,35 @@ class RestorerProcessor:
 
     def restore_slices(self, slices: np.ndarray, keys: tuple[np.ndarray, np.ndarray, np.ndarray],
                        stream: int) -> np.ndarray:
-        """Restore ``(N, Z, L)`` unit-range LR slices to ``(N, Z*s, L)``.
+        """Restore ``(N, Z, L)`` unit-range LR slices to ``(N, Z*s, L)``, averaged over ``flips``.
 
         ``keys`` are the global (z_hr, y, x) coordinates of the output, broadcastable
-        to ``(N, Z*s, L)`` in that orientation, for the noise.
+        to ``(N, Z*s, L)`` in that orientation (z along axis 1, the lateral axis along 2),
+        for the noise.
         """
+        reach = mirror_reach(slices.shape[1], self.factor, self.mode)
+        total = np.zeros((slices.shape[0], slices.shape[1] * self.factor, slices.shape[2]), dtype=np.float32)
+        count = np.zeros((1, total.shape[1], 1), dtype=np.float32)
+        combos = itertools.product(*[(False, True) if f in self.flips else (False,) for f in FLIPS])
+        for i, (flip_z, flip_lateral) in enumerate(combos):
+            x, k = slices, keys
+            if flip_lateral:
+                x, k = x[:, :, ::-1], tuple(np.flip(a, 2) for a in k)
+            if flip_z:  # output j restores HR slice reach - j: key it by that voxel
+                x, k = x[:, ::-1], (2 * k[0].min() + reach - k[0], *k[1:])
+            y = self._restore(np.ascontiguousarray(x), k, stream + len(STREAM) * i)
+            if flip_lateral:
+                y = y[:, :, ::-1]
+            if flip_z:
+                total[:, :reach + 1] += y[:, reach::-1]
+                count[:, :reach + 1] += 1
+            else:
+                total += y
+                count += 1
+        return total / count
+
+    def _restore(self, slices: np.ndarray, keys: tuple[np.ndarray, ...], stream: int) -> np.ndarray:
+        """One reverse diffusion of ``(N, Z, L)`` slices, ``slice_batch`` at a time."""
         mu = upsample_axis(slices, self.factor, axis=1, mode=self.mode, method="cubic")
         out = np.empty_like(mu)
         for a in range(0, len(mu), self.slice_batch):
@@ -187,7 +222,7 @@ def stage2_work(layout: Layout, orientations: Sequence[str] = ("xz", "yz"), nfe:
 def restorer_job(model: str | os.PathLike, shape: Sequence[int], *, roi: Box | None = None,
                  block: Sequence[int] = DEFAULT_BLOCK, halo: Sequence[int] = DEFAULT_HALO,
                  sampler: str | None = None, steps: int | None = None, seed: int = 0, slice_batch: int = 64,
-                 compile: bool = False, orientation: str = "both") -> dict[str, Any]:
+                 compile: bool = False, orientation: str = "both", flips: Sequence[str] = ()) -> dict[str, Any]:
     """What a Stage II job over ``roi`` of a volume of ``shape`` needs from a restorer
     checkpoint, without loading its weights: the ``spec`` workers load, the ``layout``
     (:func:`stage2_layout`), ``factor``, ``mode`` and the output's ``metadata``. Shared by
@@ -205,6 +240,8 @@ def restorer_job(model: str | os.PathLike, shape: Sequence[int], *, roi: Box | N
         options["steps"] = steps
     if orientation != "both":  # "both" keeps the spec of runs made before the option
         options["orientations"] = list(ORIENTATIONS[orientation])
+    if flips:  # none keeps the spec of runs made before the option
+        options["flips"] = list(check_flips(flips))
     layout = stage2_layout(shape, roi, block=block, halo=halo, factor=factor)
     return {"spec": ModelSpec("restorer", str(model), options), "layout": layout, "factor": factor, "mode": mode,
             "metadata": {"stage": "II (pseudo-HR)", "model": str(model), "factor": factor, "mode": mode}}
@@ -228,6 +265,7 @@ def restore(
     seed: int = 0,
     slice_batch: int = 64,
     orientation: str = "both",
+    flips: Sequence[str] = (),
     compile: bool = False,
     client: Any = None,
     serial: bool = False,
@@ -242,7 +280,8 @@ def restore(
     Tiles of ``block`` LR voxels grown by ``halo`` (so neighbours overlap by ``2 * halo``;
     no halo along an axis the region fits in one block) restore the XZ and YZ slices they own
     (``orientation="both"``, averaged) or one of them, ``slice_batch`` slices per forward pass,
-    and are blended (``slices`` mode). Restarting with the
+    each also restored under ``flips`` (``"z"``, ``"lateral"``; averaged), and are blended
+    (``slices`` mode). Restarting with the
     same arguments resumes. Without ``client`` (and not ``serial``) it runs on the default
     ``distributed.Client`` when one exists, else in this process. ``overlap`` and ``batch``
     are the deprecated names of ``halo`` and ``slice_batch``.
@@ -253,7 +292,7 @@ def restore(
         slice_batch = renamed("restore(batch=...)", "slice_batch", batch)  # type: ignore[assignment]
     lr = open_volume(lr_path)
     job = restorer_job(model, lr.shape, roi=roi, block=block, halo=halo, sampler=sampler, steps=steps, seed=seed,
-                       slice_batch=slice_batch, compile=compile, orientation=orientation)
+                       slice_batch=slice_batch, compile=compile, orientation=orientation, flips=flips)
     layout = job["layout"]
     return run_blockwise(
         lr_path, output, job["spec"], block=layout.block, halo=layout.halo, scale=layout.scale,
