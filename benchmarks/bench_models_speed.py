@@ -3,8 +3,10 @@
 (a) Restorer (ConditionalNAFNet) presets tiny/small/full on ``(batch, 2, 256, 256)``:
     network evaluations per second and pixel-evaluations per second, eager fp32. On a
     CUDA device also bf16 autocast, + channels_last, + ``torch.compile`` (skipped on the CPU).
-(b) DGEAN presets tiny/base/full, bare model, random ``(1, 1, D, H, W)`` LR input already on
-    the device: HR voxels out per second, per factor.
+(b) DGEAN presets tiny/medium/base, the bare model in Stage IV's form (channels-last; bf16 on
+    a GPU) on a random LR block plus the preset's halo, already on the device: computed HR
+    voxels per second, per factor; on a CPU also the fit of the time model of
+    :mod:`d2r_dask.stages.sizing` to these rows.
 (c) Stage IV through the engine (Zarr in -> model -> Zarr out, ``infer(serial=True)``) on a real
     LR volume with a DGEAN checkpoint, against the bare model on the same blocks with their halo:
     "useful" HR voxels/s (the voxels written) for both, the halo overhead (computed / useful)
@@ -102,35 +104,57 @@ def restorer_speed(presets: list[str], size: int, batch: int, reps: dict[str, in
 
 def dgean_speed(presets: list[str], factors: list[int], block: list[int], reps: dict[str, int],
                 device: Any) -> list[dict]:
+    """Each preset and factor in the form Stage IV runs it (:mod:`d2r_dask.models.precision`:
+    channels-last memory, bf16 autocast on a GPU) on one LR ``block`` plus the preset's halo:
+    the seconds per computed HR voxel that :mod:`d2r_dask.stages.sizing` models."""
     import torch
 
-    from d2r_dask.models.dgean import DGEAN, dgean_config, receptive_field
+    from d2r_dask.models.dgean import DGEAN, dgean_config, flops_per_output_voxel, receptive_field
+    from d2r_dask.models.precision import autocast_bf16, channels_last, channels_last_input
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    bf16 = autocast_bf16(device)
+    variant = ("bf16 autocast" if bf16 else "fp32") + ", channels-last (Stage IV's form)"
     rows = []
     for preset in presets:
         for s in factors:
             torch.manual_seed(0)
             cfg = dgean_config(preset, s, "decimate")
-            net = DGEAN(cfg).to(device).eval()
-            x = torch.rand(1, 1, *block, device=device)
-            with torch.no_grad():
-                net(x[..., :8, :16, :16])
-            with torch.no_grad():
-                times = repeat_timed(lambda: net(x), reps.get(preset, 1), sync)
+            halo = receptive_field(cfg)
+            tile = [b + 2 * h for b, h in zip(block, halo)]
+            net = channels_last(DGEAN(cfg).to(device).eval())
+            x = channels_last_input(torch.rand(1, 1, *tile, device=device))
+
+            def forward() -> Any:
+                with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                    return net(x)
+
+            forward()  # warm-up at full size: allocations and kernel choice
+            times = repeat_timed(forward, reps.get(preset, 1), sync)
             best = min(times)
-            hr = block[0] * s * block[1] * block[2]
-            row = {"part": "dgean bare", "preset": preset, "factor": s, "variant": "eager fp32",
+            hr = tile[0] * s * tile[1] * tile[2]
+            row = {"part": "dgean", "preset": preset, "factor": s, "variant": variant,
                    "parameters": sum(q.numel() for q in net.parameters()),
-                   "halo_lr": list(receptive_field(cfg)), "lr_block": block, "reps": len(times),
+                   "gflop_per_hr_voxel": flops_per_output_voxel(cfg) / 1e9,
+                   "halo_lr": list(halo), "lr_block": block, "lr_input": tile, "reps": len(times),
                    "seconds_best": round(best, 4), "seconds_all": [round(v, 4) for v in times],
                    "hr_voxels_per_s": round(hr / best, 1)}
             rows.append(row)
             print(row, flush=True)
-    if device.type != "cuda":
-        rows.append({"part": "dgean bare", "variant": "bf16 autocast / channels_last_3d / torch.compile",
-                     "note": "not measured: no GPU in this session"})
     return rows
+
+
+def fit_cpu_time_model(rows: list[dict], cores: int) -> dict[str, float]:
+    """``seconds * cores / hr_voxels = c + flops_per_voxel / F`` fitted to the DGEAN rows (least
+    relative squares, so the fast tiny rows count as much as the slow ones): the two constants
+    of :func:`d2r_dask.stages.sizing.estimate_seconds` on a CPU."""
+    import numpy as np
+
+    a = np.array([[1.0, r["gflop_per_hr_voxel"] * 1e9] for r in rows])
+    y = np.array([cores / r["hr_voxels_per_s"] for r in rows])
+    (c, inv_f), *_ = np.linalg.lstsq(a / y[:, None], np.ones_like(y), rcond=None)
+    worst = float(np.max(np.abs(a @ [c, inv_f] / y - 1)))
+    return {"seconds_per_voxel_core": float(c), "flops_per_core": float(1 / inv_f), "worst_relative_error": worst}
 
 
 def pipeline_speed(lr_path: Path, model: Path, block: list[int], reps: int, device: Any) -> list[dict]:
@@ -202,15 +226,19 @@ def markdown(payload: dict[str, Any]) -> str:
         lines.append(f"| {r['preset']} | {r['parameters']:,} | {r['variant']} | {tuple(r['input'])} | {r['reps']} "
                      f"| {r['seconds_best']} | {r['network_evaluations_per_s']:.3g} | {r['pixel_evaluations_per_s']:,.0f} "
                      f"| {r['speedup_vs_eager_fp32']} |")
-    lines += ["", "## (b) DGEAN, bare model, random LR input already on the device", "",
-              "The LR input is exactly the block shown (no halo added): every HR voxel out is counted. The halo column is the receptive field a blockwise run adds around each block (see (c) for its cost).", "",
-              "| preset | factor | halo (LR) | LR input | reps | best s | HR voxels/s |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "## (b) DGEAN, bare model in Stage IV's form, random LR block + halo already on the device", "",
+              "Every HR voxel computed is counted, the halo's included (what Stage IV computes per block).", "",
+              "| preset | factor | variant | halo (LR) | LR input | kFLOP / HR voxel | reps | best s | HR voxels/s |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in payload["dgean"]:
-        if "note" in r:
-            lines.append(f"| {r['variant']} | | | | | | {r['note']} |")
-            continue
-        lines.append(f"| {r['preset']} | {r['factor']} | {tuple(r['halo_lr'])} | {tuple(r['lr_block'])} | {r['reps']} "
+        lines.append(f"| {r['preset']} | {r['factor']} | {r['variant']} | {tuple(r['halo_lr'])} "
+                     f"| {tuple(r['lr_input'])} | {r['gflop_per_hr_voxel'] * 1e6:.1f} | {r['reps']} "
                      f"| {r['seconds_best']} | {r['hr_voxels_per_s']:,.0f} |")
+    if "cpu_time_model" in payload:
+        f = payload["cpu_time_model"]
+        lines += ["", f"Fitted CPU time model (`stages/sizing.py`): seconds = HR voxels x "
+                      f"({f['seconds_per_voxel_core']:.3g} + flops per voxel / {f['flops_per_core']:.3g}) / cores; "
+                      f"worst row off by {100 * f['worst_relative_error']:.0f} %."]
     lines += ["", "## (c) Stage IV: full pipeline vs bare model on the same blocks", ""]
     for r in payload["pipeline"]:
         lines += [
@@ -233,9 +261,10 @@ def main() -> None:
     p.add_argument("--restorer-batch", type=int, default=4)
     p.add_argument("--full-batch", type=int, default=None,
                    help="batch for the full restorer preset (default: --restorer-batch; 1 saves CPU time)")
-    p.add_argument("--dgean-presets", nargs="+", default=["tiny", "base", "full"])
+    p.add_argument("--dgean-presets", nargs="+", default=["tiny", "medium", "base"])
     p.add_argument("--dgean-factors", type=int, nargs="+", default=[4, 8])
-    p.add_argument("--dgean-block", type=int, nargs=3, default=[16, 64, 64])
+    p.add_argument("--dgean-block", type=int, nargs=3, default=[32, 96, 96],
+                   help="LR block; the preset's halo is added around it")
     p.add_argument("--lr", type=Path, default=WORK / "x4" / "lr.zarr", help="LR volume for the pipeline part")
     p.add_argument("--model", type=Path, default=WORK / "x4" / "dgean", help="DGEAN checkpoint for the pipeline")
     p.add_argument("--pipeline-block", type=int, nargs=3, default=[16, 128, 128])
@@ -262,8 +291,10 @@ def main() -> None:
                                                                                           "full": 10}, device,
                                          {"full": args.full_batch} if args.full_batch else None)
     payload["dgean"] = dgean_speed(args.dgean_presets, args.dgean_factors, args.dgean_block,
-                                   {"tiny": 3, "base": 2, "full": 1} if cpu else {"tiny": 20, "base": 10, "full": 5},
-                                   device)
+                                   {"tiny": 2, "medium": 2, "base": 2, "full": 1} if cpu
+                                   else {"tiny": 20, "medium": 20, "base": 10, "full": 5}, device)
+    if cpu:
+        payload["cpu_time_model"] = fit_cpu_time_model(payload["dgean"], torch.get_num_threads())
     if args.model.exists() and args.lr.exists():
         payload["pipeline"] = pipeline_speed(args.lr, args.model, args.pipeline_block, args.pipeline_reps, device)
     else:

@@ -13,7 +13,7 @@ For each axial factor ``s`` (default 4 and 8), following the evaluation protocol
 
 Writes ``<out>/quality_fib25<tag>.json`` and ``.md`` and, per factor, the evaluation report in
 ``<out>/quality_fib25<tag>_x<s>/``. Large volumes and checkpoints go to ``--work``; finished
-stages there are reused (``d2r run`` resumes), ``--fresh`` starts over.
+stages there are reused (``d2r run`` resumes), ``--fresh`` starts the given factors over.
 
     python benchmarks/bench_quality.py --factors 4 8
 """
@@ -168,7 +168,8 @@ def main() -> None:
     p.add_argument("--tag", default="", help="suffix of the result files, e.g. _h100")
     p.add_argument("--work", type=Path, default=Path("/tmp/d2r_bench_quality"))
     p.add_argument("--out", type=Path, default=HERE / "results")
-    p.add_argument("--fresh", action="store_true", help="delete --work first (otherwise finished stages are reused)")
+    p.add_argument("--fresh", action="store_true",
+                   help="delete the runs of these factors (WORK/x<s>) first; otherwise finished stages are reused")
     p.add_argument("--progress", action="store_true")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -180,8 +181,9 @@ def main() -> None:
 
     if not args.gt.exists():
         sys.exit(f"ground truth {args.gt} not found (it lives in ../shared/data beside the project)")
-    if args.fresh and args.work.exists():
-        shutil.rmtree(args.work)
+    if args.fresh:  # only what this invocation reruns: other factors' runs and side runs in --work stay
+        for s in args.factors:
+            shutil.rmtree(args.work / f"x{s}", ignore_errors=True)
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     gt = args.work / "gt.zarr"

@@ -659,7 +659,7 @@ def evaluate(result: Location, gt: Location, lr_path: Location | None, pseudo_hr
 @_overwrite_option
 def demo(out: Path, input_path: Location | None, voxel_size: tuple[float, float, float] | None, factor: int,
          quick: bool, scheduler: str | None, workers: int | None, serial: bool, overwrite: bool) -> None:
-    """The whole pipeline on synthetic (or given) data, evaluated: about 10 minutes on 2 CPU cores."""
+    """The whole pipeline on synthetic (or given) data, evaluated: a few minutes on 2 CPU cores."""
     from .demo import demo as run_demo
 
     with _client(scheduler, workers, serial) as client:

@@ -23,7 +23,7 @@ DEMO_VOXEL_NM = (8.0, 8.0, 8.0)
 
 
 def demo_config(factor: int = 4, *, quick: bool = False) -> RunConfig:
-    """Tiny presets and short training: ~10 minutes on 2 CPU cores (``quick``: ~1 minute, for tests)."""
+    """Tiny presets and short training: a few minutes on 2 CPU cores (``quick``: ~1 minute, for tests)."""
     steps = 8 if quick else 600
     # Stage II covers a (24, 96, 96) LR region in four tiles spanning all of z (no z-halo needed)
     return RunConfig(

@@ -23,7 +23,17 @@ from d2r_dask.data.degrade import upsample_axis
 from d2r_dask.data.intensity import Intensity
 from d2r_dask.evaluation.metrics import psnr
 from d2r_dask.io.volume import open_volume
-from d2r_dask.stages.config import DGEANStage, InferStage, RestorerStage, RestoreStage, RunConfig, resolve_auto
+from d2r_dask.stages.config import (
+    AUTO,
+    CPU_DGEAN_STEP_MS,
+    DGEANStage,
+    InferStage,
+    RestorerStage,
+    RestoreStage,
+    RunConfig,
+    cpu_dgean_steps,
+    resolve_auto,
+)
 from d2r_dask.stages.pipeline import default_workdir, run
 from d2r_dask.evaluation.selfcheck import read_self_check, self_check
 from d2r_dask.stages.train import RestorerConfig, TrainConfig, train_restorer
@@ -111,6 +121,12 @@ def test_auto_presets_follow_the_device() -> None:
     assert (gpu.restorer.preset, gpu.dgean.preset) == ("full", "full")
     assert cpu.restorer.steps and cpu.dgean.steps and gpu.restorer.steps > cpu.restorer.steps
     assert (cpu.restore.flips, gpu.restore.flips) == ((), ())  # resolved, so run.json records them
+    # a CPU trains DGEAN for the same time at every factor: fewer of the costlier x8 steps
+    cpu8, gpu8 = resolve_auto(RunConfig(factor=8), "cpu"), resolve_auto(RunConfig(factor=8), "cuda")
+    assert cpu.dgean.steps == AUTO["cpu"]["dgean"]["steps"] > cpu8.dgean.steps == cpu_dgean_steps(cpu.dgean.steps, 8)
+    a, b = CPU_DGEAN_STEP_MS
+    assert cpu8.dgean.steps * (a + 8 * b) == pytest.approx(cpu.dgean.steps * (a + 4 * b), rel=0.02)
+    assert gpu8.dgean.steps == gpu.dgean.steps
     assert resolve_auto(RunConfig(factor=4, restore=RestoreStage(flips=["z"])), "cpu").restore.flips == ("z",)
     explicit = RunConfig(factor=4, restorer=RestorerStage(preset="small", steps=7))
     assert resolve_auto(explicit, "cuda").restorer.preset == "small"

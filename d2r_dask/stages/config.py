@@ -250,10 +250,11 @@ def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, An
 
 
 AUTO: dict[str, dict[str, dict[str, Any]]] = {
-    # 2 CPU cores: `d2r run` on a 250^3 volume at x4 in 24 minutes (README, "Quality").
+    # 2 CPU cores: `d2r run` on a 250^3 volume at x4 in 24 minutes (README, "Quality"); DGEAN's
+    # steps are those of x4, scaled to the same CPU time at other factors (cpu_dgean_steps).
     # DGEAN: thin patches (4 LR slices), which were +0.10 dB at x8 and -0.04 at x4 against 8 deep;
     # medium with channels-last memory (models.precision) and the attention pool after the squeeze
-    # (models.dgean) trains 5000 steps within the 30-minute bound (in the first layout 3000 steps
+    # (models.dgean) trains 5000 steps at x4 within the 30-minute bound (in the first layout 3000 steps
     # took 30.5 minutes); more steps, higher SR (README). No Stage II flips on either device: a
     # z-flipped copy lifted the x4 pseudo-HR by 0.014 dB but not the SR trained on it (-0.02 dB,
     # two seeds; README).
@@ -268,17 +269,33 @@ AUTO: dict[str, dict[str, dict[str, Any]]] = {
 }
 """What ``preset: auto`` and the unset steps mean on each device type."""
 
+CPU_DGEAN_STEP_MS = (131.0, 26.8)
+"""A CPU DGEAN training step costs about ``a + b * factor`` ms: the layers after the
+z-upsampling grow with the factor (``medium``, 4 x 48^2 LR patches 4 slices deep, float32
+channels-last, 2 cores: 192 / 213 / 225 / 293 / 349 ms at x2 / x3 / x4 / x6 / x8)."""
+
+
+def cpu_dgean_steps(steps_at_x4: int, factor: int) -> int:
+    """The DGEAN steps at ``factor`` that take a CPU as long as ``steps_at_x4`` at x4 (to the
+    nearest 100), so ``d2r run``'s time on a CPU does not grow with the factor (x8: 0.69x the steps)."""
+    a, b = CPU_DGEAN_STEP_MS
+    return max(100, round(steps_at_x4 * (a + 4 * b) / (a + factor * b) / 100) * 100)
+
 
 def resolve_auto(cfg: RunConfig, device: str | None = None) -> RunConfig:
     """``cfg`` with ``auto`` presets and unset steps filled in for ``device`` (default: the
-    first GPU if there is one, else the CPU). Explicit values are kept."""
+    first GPU if there is one, else the CPU; on a CPU DGEAN's steps follow the factor,
+    :func:`cpu_dgean_steps`). Explicit values are kept."""
     from dataclasses import replace
 
     if device is None:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    table = AUTO["cuda" if str(device).startswith("cuda") else "cpu"]
+    kind = "cuda" if str(device).startswith("cuda") else "cpu"
+    table = AUTO[kind]
+    if kind == "cpu":
+        table = {**table, "dgean": {**table["dgean"], "steps": cpu_dgean_steps(table["dgean"]["steps"], cfg.factor)}}
 
     def fill(section: Any, values: Mapping[str, Any]) -> Any:
         changes = {k: v for k, v in values.items()

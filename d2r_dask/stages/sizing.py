@@ -12,9 +12,12 @@ preset, halo 30, cannot reach a low overhead in CPU memory and is slow there any
 The memory model counts the largest tensors alive at once (the upsampling convolution's
 ``factor x width`` channels, their shuffled copy and activation, the HR output), x1.5 for
 convolution workspaces (on a CPU within 10-20 % of the peak RSS measured for base and
-full). The time model is per HR voxel: on a CPU fitted to
-``benchmarks/results/models_speed.json`` (2 cores, eager fp32: tiny/base/full within 15 %);
-on a GPU an assumed 100 TFLOP/s of bf16 convolution, not yet measured.
+full). The time model is per computed HR voxel (halo included): on a CPU a memory-bound floor
+plus the convolutions' flops at a fitted rate, fitted by ``benchmarks/bench_models_speed.py``
+(``benchmarks/results/models_speed.json``: 2 cores, float32 channels-last as Stage IV runs,
+tiny/medium/base at x4 and x8 within 16 %; for fib25's Stage IV with the CPU default it
+estimates 42 s at x4 and 33 s at x8, measured 45 s and 33 s); on a GPU an assumed 100 TFLOP/s
+of bf16 convolution, not yet measured.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ TARGET_OVERHEAD = {"cuda": 1.3, "cpu": 1.5}
 """The halo overhead each device type aims for."""
 CPU_BLOCK_BYTES = 4 << 30
 GPU_MEMORY_FRACTION = 0.6
-CPU_SECONDS_PER_VOXEL_CORE = 3.2e-6  # memory-bound floor per HR voxel, one core
-CPU_FLOPS_PER_CORE = 40e9
+CPU_SECONDS_PER_VOXEL_CORE = 2.1e-7  # memory-bound floor per HR voxel, one core
+CPU_FLOPS_PER_CORE = 54e9
 GPU_FLOPS = 100e12  # assumed, not measured
 GPU_SECONDS_PER_VOXEL = 0.2e-9
 
