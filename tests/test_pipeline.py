@@ -35,6 +35,7 @@ from d2r_dask.blockwise import scheduler
 from d2r_dask.stages import train as train_mod
 from d2r_dask.errors import InputError, ResumeMismatchError
 from d2r_dask.stages.config import (
+    AUTO,
     DGEANStage,
     InferStage,
     RestorerStage,
@@ -201,7 +202,7 @@ def test_rerun_with_another_config_is_refused(reference: dict[str, Any], lr: Pat
     other = tiny_config(seed=1)
     with pytest.raises(ResumeMismatchError, match="seed"):
         run(lr, reference["out"], other, **RUN)
-    with pytest.raises(ResumeMismatchError, match="restorer"):
+    with pytest.raises(ResumeMismatchError, match=r"restorer\.steps: 4 recorded, 5 given\); give the recorded values"):
         run(lr, reference["out"], replace(other, seed=0, restorer=replace(other.restorer, steps=5)), **RUN)
     assert record.read_bytes() == before
 
@@ -216,6 +217,22 @@ def test_finished_run_reruns_without_computing(reference: dict[str, Any], lr: Pa
     record = run(lr, reference["out"], tiny_config(), **RUN)
     assert {k: v["seconds"] for k, v in record["stages"].items()} == \
         {k: v["seconds"] for k, v in reference["record"]["stages"].items()}
+    # what `auto` resolved to is recorded, and a resume keeps it, also after the table changed
+    # (a new version) or on another device type: DGEAN's preset and steps left to auto here
+    monkeypatch.setitem(AUTO["cpu"], "dgean", {**AUTO["cpu"]["dgean"], "preset": "small"})
+    auto = tiny_config()
+    record = run(lr, reference["out"], replace(auto, dgean=replace(auto.dgean, steps=None)), **RUN)
+    assert record["config"] == reference["record"]["config"]
+
+
+def test_dry_run_of_a_resume_plans_what_was_recorded(reference: dict[str, Any], lr: Path,
+                                                     cli_run: Callable[..., Any]) -> None:
+    """``--dry-run`` beside a recorded run plans its networks and steps, not the table's."""
+    result = cli_run("run", lr, reference["out"], "--factor", S, "--dry-run")
+    assert_cli_ok(result)
+    stage3 = next(st for st in json.loads(result.output)["stages"] if st["stage"] == "III train DGEAN")
+    recorded = reference["record"]["config"]["dgean"]["steps"]
+    assert stage3["steps"] == recorded != resolve_auto(RunConfig(factor=S), "cpu").dgean.steps
 
 
 # --- kill -9 in any stage ------------------------------------------------------------------------

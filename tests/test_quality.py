@@ -127,6 +127,10 @@ def test_auto_presets_follow_the_device() -> None:
     a, b = CPU_DGEAN_STEP_MS
     assert cpu8.dgean.steps * (a + 8 * b) == pytest.approx(cpu.dgean.steps * (a + 4 * b), rel=0.02)
     assert gpu8.dgean.steps == gpu.dgean.steps
+    # a resumed run keeps what it resolved to, wherever it resumes; explicit values still win
+    started = resolve_auto(RunConfig(factor=4), "cpu").to_dict()
+    assert resolve_auto(RunConfig(factor=4), "cuda", recorded=started) == resolve_auto(RunConfig(factor=4), "cpu")
+    assert resolve_auto(RunConfig(factor=4, dgean=DGEANStage(steps=7)), "cuda", recorded=started).dgean.steps == 7
     assert resolve_auto(RunConfig(factor=4, restore=RestoreStage(flips=["z"])), "cpu").restore.flips == ("z",)
     explicit = RunConfig(factor=4, restorer=RestorerStage(preset="small", steps=7))
     assert resolve_auto(explicit, "cuda").restorer.preset == "small"

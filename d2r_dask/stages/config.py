@@ -282,10 +282,14 @@ def cpu_dgean_steps(steps_at_x4: int, factor: int) -> int:
     return max(100, round(steps_at_x4 * (a + 4 * b) / (a + factor * b) / 100) * 100)
 
 
-def resolve_auto(cfg: RunConfig, device: str | None = None) -> RunConfig:
+def resolve_auto(cfg: RunConfig, device: str | None = None, *,
+                 recorded: Mapping[str, Any] | None = None) -> RunConfig:
     """``cfg`` with ``auto`` presets and unset steps filled in for ``device`` (default: the
     first GPU if there is one, else the CPU; on a CPU DGEAN's steps follow the factor,
-    :func:`cpu_dgean_steps`). Explicit values are kept."""
+    :func:`cpu_dgean_steps`). Explicit values are kept. ``recorded``: the resolved
+    configuration of the run being resumed (its ``run.json``); what it resolved wins over the
+    table, so a run resumes with the networks and steps it started with, also on another
+    device type or after this table changed."""
     from dataclasses import replace
 
     if device is None:
@@ -297,14 +301,29 @@ def resolve_auto(cfg: RunConfig, device: str | None = None) -> RunConfig:
     if kind == "cpu":
         table = {**table, "dgean": {**table["dgean"], "steps": cpu_dgean_steps(table["dgean"]["steps"], cfg.factor)}}
 
-    def fill(section: Any, values: Mapping[str, Any]) -> Any:
-        changes = {k: v for k, v in values.items()
+    def fill(name: str, values: Mapping[str, Any]) -> Any:
+        section = getattr(cfg, name)
+        before = (recorded or {}).get(name) or {}
+        changes = {k: v if before.get(k) is None else before[k] for k, v in values.items()
                    if getattr(section, k) is None or (k == "preset" and getattr(section, k) == "auto")}
         if section is cfg.restorer and section.recipe == "authors":
             changes.pop("sampler_steps", None)  # the authors' sampler: sde over all T steps
         return replace(section, **changes)
 
-    return replace(cfg, **{name: fill(getattr(cfg, name), values) for name, values in table.items()})
+    return replace(cfg, **{name: fill(name, values) for name, values in table.items()})
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``section.key: <old> recorded, <new> given`` for every value in which two configurations
+    (``RunConfig.to_dict`` form) differ."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += [f"{key}.{d}" for d in config_diff(a, b)]
+        elif a != b:
+            out.append(f"{key}: {a!r} recorded, {b!r} given")
+    return out
 
 
 def config_template(factor: int = 4) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from ..io import stores
 from ..io.geometry import Box, region_of
 from ..io.stores import Location
 from ..io.volume import check_output_path, check_removable, is_complete, open_volume, prepare_output
-from .config import RunConfig, resolve_auto, upgrade_config
+from .config import RunConfig, config_diff, resolve_auto, upgrade_config
 
 log = logging.getLogger(__name__)
 STAGES = ("restorer", "pseudo_hr", "dgean", "sr")
@@ -245,6 +245,16 @@ def _restorer_config(cfg: RunConfig) -> Any:
                           sampler=r.sampler, sampler_steps=r.sampler_steps)
 
 
+def recorded_config(workdir: str | os.PathLike | None, output: str | os.PathLike) -> dict[str, Any] | None:
+    """The resolved configuration recorded by the run in the work directory, if there is one
+    that reads (:func:`_run` reports one that does not)."""
+    record = (Path(workdir) if workdir else default_workdir(output)) / "run.json"
+    try:
+        return upgrade_config(json.loads(record.read_text()).get("config", {}), warn=False)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _recorded_block(cfg: RunConfig, recorded: dict[str, Any]) -> RunConfig:
     """``cfg`` with the Stage IV block a recorded run used, where ``cfg`` leaves it to the
     device (a resumed run, also one recorded before blocks were sized, keeps its block)."""
@@ -283,7 +293,8 @@ def run(
     processes draw their batches (None: :func:`~.loader.default_loader_workers`; the result
     is the same for any number).
 
-    ``auto`` presets and unset steps are resolved for the training device first (:func:`resolve_auto`);
+    ``auto`` presets and unset steps are resolved for the training device first (:func:`resolve_auto`;
+    a resumed run keeps what its record says they resolved to);
     the record holds the resolved configuration, the intensity mapping measured once on the
     LR volume, and each training stage's self-check (``self_check``: the model against
     interpolation on held-out patches degraded like z). Everything is validated before any
@@ -302,7 +313,7 @@ def run(
             remote = trains_better_on_cluster(client, worker_device)
         if remote and device is None:
             device = worker_device  # auto presets for the worker that trains, not for this machine
-    cfg = resolve_auto(cfg, device)
+    cfg = resolve_auto(cfg, device, recorded=None if overwrite else recorded_config(workdir, output))
     paths = check_run(lr_path, output, cfg, workdir=workdir, overwrite=overwrite, device_here=not remote)
     with exclusive(paths.workdir, what="work directory"), exclusive(paths.output):
         return _run(paths, cfg, client=client, serial=serial, overwrite=overwrite, progress=progress, levels=levels,
@@ -327,11 +338,11 @@ def _run(paths: Paths, cfg: RunConfig, *, client: Any, serial: bool, overwrite: 
         record["config"] = upgrade_config(record.get("config", {}), warn=False)  # runs recorded before a rename
         cfg = _recorded_block(cfg, record["config"])
         if record.get("config") != cfg.to_dict() or record.get("input") != stores.canonical(paths.lr):
-            old = record.get("config", {})
-            diff = sorted(k for k in set(old) | set(cfg.to_dict()) if old.get(k) != cfg.to_dict().get(k))
+            diff = config_diff(record.get("config", {}), cfg.to_dict())
             raise ResumeMismatchError(
                 f"{paths.workdir} holds a run of {record.get('input')} with a different configuration "
-                f"(differs in: {', '.join(diff) or 'input'}); use another --workdir or pass --overwrite"
+                f"(differs in: {'; '.join(diff) or 'input'}); give the recorded values to resume it, "
+                "use another --workdir, or pass --overwrite to start over"
             )
     elif overwrite:
         for old in (paths.workdir, paths.output):
