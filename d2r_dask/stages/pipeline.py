@@ -156,7 +156,7 @@ def check_run(lr_path: str | os.PathLike, output: str | os.PathLike, cfg: RunCon
     from .train import check_device
 
     check_device(cfg.device, here=device_here)
-    cfg = resolve_auto(cfg, cfg.device)
+    cfg = resolve_auto(cfg, cfg.device, recorded=None if overwrite else recorded_config(workdir, output))
     if workdir is not None and stores.is_remote(workdir):
         raise InputError(f"the work directory {workdir} must be on a local or shared file system "
                          "(the volumes may be on an object store); choose a local --workdir")
