@@ -523,7 +523,8 @@ def _run_overrides(factor: int | None, mode: str | None, seed: int | None, devic
               help="Stage artifacts and run.json, on a file system [default: SR name + .d2r-work, next to SR; "
                    "in the current folder if SR is on an object store].")
 @click.option("--restorer-steps", type=int, default=None, help="Stage I training steps [default: by device].")
-@click.option("--dgean-steps", type=int, default=None, help="Stage III training steps [default: by device].")
+@click.option("--dgean-steps", type=int, default=None,
+              help="Stage III training steps [default: by device; on a CPU also by factor].")
 @click.option("--restorer-preset", type=click.Choice(["auto", "tiny", "small", "full"]), default=None,
               help="Restorer size [default: auto: tiny on a CPU, full on a GPU].")
 @click.option("--dgean-preset", type=click.Choice(["auto", "tiny", "small", "medium", "base", "full"]), default=None,
