@@ -558,8 +558,8 @@ def run(lr_volume: Location, output: Location, factor: int | None, mode: str | N
     be on a filesystem the workers share; without it they train in this process.
     """
     from .errors import InputError
-    from .stages.config import RunConfig, load_config_file, merge, resolve_auto
-    from .stages.pipeline import check_run, plan, recorded_config, run as run_pipeline
+    from .stages.config import RunConfig, load_config_file, merge
+    from .stages.pipeline import check_run, plan, resolve_run, run as run_pipeline
 
     base = load_config_file(config_file) if config_file else {}
     merged = merge(base, _run_overrides(factor, mode, seed, device, restorer_steps, dgean_steps,
@@ -572,9 +572,8 @@ def run(lr_volume: Location, output: Location, factor: int | None, mode: str | N
     check_run(lr_volume, output, cfg, workdir=workdir, overwrite=overwrite, device_here=not remote)  # before any work
     _check_cluster(scheduler, workers, serial)
     if dry_run:  # the plan of the run that would go on: a resume keeps what `auto` resolved to
-        recorded = None if overwrite else recorded_config(workdir, output)
-        click.echo(json.dumps(plan(lr_volume, resolve_auto(cfg, cfg.device, recorded=recorded)), indent=2,
-                              default=str))
+        click.echo(json.dumps(plan(lr_volume, resolve_run(cfg, cfg.device, workdir, output, overwrite=overwrite)),
+                              indent=2, default=str))
         return
     with _client(scheduler, workers, serial) as client:
         record = run_pipeline(lr_volume, output, cfg, workdir=workdir, client=client, serial=serial,

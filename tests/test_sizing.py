@@ -12,7 +12,7 @@ import pytest
 
 from d2r_dask.blockwise.layout import choose_block, halo_overhead
 from d2r_dask.models.dgean import dgean_config
-from d2r_dask.stages.config import InferStage, RunConfig
+from d2r_dask.stages.config import InferStage, RunConfig, resolve_auto
 from d2r_dask.stages.sizing import dgean_bytes_per_voxel, infer_block
 
 H200 = {"type": "cuda", "memory_bytes": 139 * 2**30, "cores": 16, "name": "H200"}
@@ -87,12 +87,12 @@ def test_dry_run_prints_block_overhead_and_time(tmp_path: Path, cli_run: Callabl
 
 
 def test_a_resumed_run_keeps_its_recorded_block() -> None:
-    from d2r_dask.stages.pipeline import _recorded_block
-
     cfg = RunConfig(factor=4)
     assert cfg.infer.block is None
     old = RunConfig(factor=4, infer=InferStage(block=(32, 128, 128))).to_dict()  # recorded before sizing
-    assert _recorded_block(cfg, old).infer.block == (32, 128, 128)
+    assert resolve_auto(cfg, "cuda", recorded=old).infer.block == (32, 128, 128)
+    assert resolve_auto(cfg, "cpu", recorded={"factor": 4}).infer.block is None  # a record without one: sized
     mine = RunConfig(factor=4, infer=InferStage(block=(16, 64, 64)))
-    assert _recorded_block(mine, old) is mine  # an explicit block wins (and a mismatch is refused later)
+    # an explicit block wins (and a mismatch is refused later)
+    assert resolve_auto(mine, "cpu", recorded=old).infer == mine.infer
     assert RunConfig.from_dict({"factor": 4, "infer": {"block": [8, 8, 8]}}).infer.block == (8, 8, 8)

@@ -288,8 +288,9 @@ def resolve_auto(cfg: RunConfig, device: str | None = None, *,
     first GPU if there is one, else the CPU; on a CPU DGEAN's steps follow the factor,
     :func:`cpu_dgean_steps`). Explicit values are kept. ``recorded``: the resolved
     configuration of the run being resumed (its ``run.json``); what it resolved wins over the
-    table, so a run resumes with the networks and steps it started with, also on another
-    device type or after this table changed."""
+    table, and its Stage IV block over sizing one to this device, so a run resumes with the
+    networks, steps and blocks it started with, also on another device type or after this
+    table changed."""
     from dataclasses import replace
 
     if device is None:
@@ -310,7 +311,11 @@ def resolve_auto(cfg: RunConfig, device: str | None = None, *,
             changes.pop("sampler_steps", None)  # the authors' sampler: sde over all T steps
         return replace(section, **changes)
 
-    return replace(cfg, **{name: fill(name, values) for name, values in table.items()})
+    cfg = replace(cfg, **{name: fill(name, values) for name, values in table.items()})
+    block = ((recorded or {}).get("infer") or {}).get("block")
+    if cfg.infer.block is None and block is not None:
+        cfg = replace(cfg, infer=replace(cfg.infer, block=tuple(block)))
+    return cfg
 
 
 def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:

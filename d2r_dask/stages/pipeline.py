@@ -20,6 +20,7 @@ a filesystem the client and the workers share.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -156,7 +157,7 @@ def check_run(lr_path: str | os.PathLike, output: str | os.PathLike, cfg: RunCon
     from .train import check_device
 
     check_device(cfg.device, here=device_here)
-    cfg = resolve_auto(cfg, cfg.device, recorded=None if overwrite else recorded_config(workdir, output))
+    cfg = resolve_run(cfg, cfg.device, workdir, output, overwrite=overwrite)
     if workdir is not None and stores.is_remote(workdir):
         raise InputError(f"the work directory {workdir} must be on a local or shared file system "
                          "(the volumes may be on an object store); choose a local --workdir")
@@ -245,23 +246,16 @@ def _restorer_config(cfg: RunConfig) -> Any:
                           sampler=r.sampler, sampler_steps=r.sampler_steps)
 
 
-def recorded_config(workdir: str | os.PathLike | None, output: str | os.PathLike) -> dict[str, Any] | None:
-    """The resolved configuration recorded by the run in the work directory, if there is one
-    that reads (:func:`_run` reports one that does not)."""
+def resolve_run(cfg: RunConfig, device: str | None, workdir: str | os.PathLike | None,
+                output: str | os.PathLike, *, overwrite: bool = False) -> RunConfig:
+    """``cfg`` resolved for ``device`` (:func:`resolve_auto`); resuming the run recorded in the
+    work directory (not ``overwrite``), to what that run resolved."""
     record = (Path(workdir) if workdir else default_workdir(output)) / "run.json"
-    try:
-        return upgrade_config(json.loads(record.read_text()).get("config", {}), warn=False)
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def _recorded_block(cfg: RunConfig, recorded: dict[str, Any]) -> RunConfig:
-    """``cfg`` with the Stage IV block a recorded run used, where ``cfg`` leaves it to the
-    device (a resumed run, also one recorded before blocks were sized, keeps its block)."""
-    block = recorded.get("infer", {}).get("block")
-    if cfg.infer.block is None and block is not None:
-        return replace(cfg, infer=replace(cfg.infer, block=tuple(block)))
-    return cfg
+    recorded = None
+    if not overwrite:
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # :func:`_run` reports a bad record
+            recorded = upgrade_config(json.loads(record.read_text()).get("config", {}), warn=False)
+    return resolve_auto(cfg, device, recorded=recorded)
 
 
 def _training_done(folder: Path, steps: int) -> bool:
@@ -313,7 +307,7 @@ def run(
             remote = trains_better_on_cluster(client, worker_device)
         if remote and device is None:
             device = worker_device  # auto presets for the worker that trains, not for this machine
-    cfg = resolve_auto(cfg, device, recorded=None if overwrite else recorded_config(workdir, output))
+    cfg = resolve_run(cfg, device, workdir, output, overwrite=overwrite)
     paths = check_run(lr_path, output, cfg, workdir=workdir, overwrite=overwrite, device_here=not remote)
     with exclusive(paths.workdir, what="work directory"), exclusive(paths.output):
         return _run(paths, cfg, client=client, serial=serial, overwrite=overwrite, progress=progress, levels=levels,
@@ -336,7 +330,6 @@ def _run(paths: Paths, cfg: RunConfig, *, client: Any, serial: bool, overwrite: 
     if paths.record.exists() and not overwrite:
         record = json.loads(paths.record.read_text())
         record["config"] = upgrade_config(record.get("config", {}), warn=False)  # runs recorded before a rename
-        cfg = _recorded_block(cfg, record["config"])
         if record.get("config") != cfg.to_dict() or record.get("input") != stores.canonical(paths.lr):
             diff = config_diff(record.get("config", {}), cfg.to_dict())
             raise ResumeMismatchError(
