@@ -90,6 +90,34 @@ def random_dgean(directory: Path, factor: int, preset: str) -> Path:
     return save_checkpoint(directory, weights=net.state_dict(), config=config)
 
 
+def dgean_train_step(preset: str, factor: int, patch_lr: Sequence[int], device: Any, *, batch: int = 4,
+                     channels_last: bool = True, bf16: bool = False) -> Callable[[], None]:
+    """One DGEAN training step as Stage III takes it (forward, hf loss, backward, AdamW) on
+    random patches of ``batch`` x ``patch_lr`` LR voxels, seeded; returns the step to time."""
+    import torch
+
+    from d2r_dask.models.dgean import DGEAN, dgean_config
+    from d2r_dask.models.losses import hf_loss
+    from d2r_dask.models.precision import channels_last as cl_model, channels_last_input
+
+    torch.manual_seed(0)
+    net = DGEAN(dgean_config(preset, factor, "decimate")).to(device)
+    lr = torch.rand(batch, 1, *patch_lr, device=device)
+    if channels_last:
+        net, lr = cl_model(net), channels_last_input(lr)
+    hr = torch.rand(batch, 1, patch_lr[0] * factor, *patch_lr[1:], device=device)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+
+    def step() -> None:
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            loss = hf_loss(net(lr).float(), hr, weight=0.5)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
 def cluster_options(ap: argparse.ArgumentParser, *, memory_limit: str, workdir: str,
                     memory_help: str | None = None) -> None:
     """``--workers``, ``--memory-limit`` (per worker) and ``--workdir`` (under the temp folder)."""

@@ -1,4 +1,4 @@
-"""Model throughput: the restorer network, bare DGEAN, and the full Stage IV pipeline.
+"""Model throughput: the restorer network, bare DGEAN, the full Stage IV pipeline and DGEAN's training step.
 
 (a) Restorer (ConditionalNAFNet) presets tiny/small/full on ``(batch, 2, 256, 256)``:
     network evaluations per second and pixel-evaluations per second, eager fp32. On a
@@ -11,6 +11,9 @@
     LR volume with a DGEAN checkpoint, against the bare model on the same blocks with their halo:
     "useful" HR voxels/s (the voxels written) for both, the halo overhead (computed / useful)
     and the pipeline/bare ratio.
+(d) DGEAN's training step per factor in Stage III's form (the CPU default ``medium`` on 4 LR
+    patches 4 x 48^2, the hf loss, AdamW; channels-last, bf16 on a GPU): seconds per step, and on
+    a CPU the fit ``a + b * factor`` ms, the constants of :data:`d2r_dask.stages.config.CPU_DGEAN_STEP_MS`.
 
     python benchmarks/bench_models_speed.py                      # CPU defaults, a few minutes
     python benchmarks/bench_models_speed.py --restorer-presets tiny small --dgean-presets tiny base
@@ -29,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import machine_info, repeat_timed  # noqa: E402
+from _bench import dgean_train_step, machine_info, repeat_timed  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WORK = Path("/tmp/d2r_bench_quality")
@@ -157,6 +160,45 @@ def fit_cpu_time_model(rows: list[dict], cores: int) -> dict[str, float]:
     return {"seconds_per_voxel_core": float(c), "flops_per_core": float(1 / inv_f), "worst_relative_error": worst}
 
 
+def dgean_train_speed(preset: str, factors: list[int], patch: list[int], batch: int, reps: int,
+                      device: Any) -> list[dict]:
+    """Seconds per DGEAN training step (forward, hf loss, backward, AdamW) per factor, best of
+    ``reps`` rounds of 6 steps after 2 warm-up steps, in the form Stage III trains it."""
+    import torch
+
+    from d2r_dask.models.precision import autocast_bf16
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    bf16 = autocast_bf16(device)
+    rows = []
+    for s in factors:
+        step = dgean_train_step(preset, s, patch, device, batch=batch, bf16=bf16)
+
+        def steps(n: int) -> None:
+            for _ in range(n):
+                step()
+
+        steps(2)
+        times = [t / 6 for t in repeat_timed(lambda: steps(6), reps, sync)]
+        row = {"part": "dgean_train", "preset": preset, "factor": s, "batch": batch, "lr_patch": patch,
+               "variant": ("bf16 autocast" if bf16 else "fp32") + ", channels-last (Stage III's form)",
+               "seconds_per_step_best": round(min(times), 4), "seconds_per_step_all": [round(t, 4) for t in times]}
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def fit_step_model(rows: list[dict]) -> dict[str, float]:
+    """``step ms = a + b * factor`` by least squares: ``CPU_DGEAN_STEP_MS`` of ``stages/config.py``."""
+    import numpy as np
+
+    s = np.array([r["factor"] for r in rows], dtype=float)
+    ms = np.array([1000 * r["seconds_per_step_best"] for r in rows])
+    b, a = np.polyfit(s, ms, 1)
+    return {"a_ms": round(float(a), 1), "b_ms": round(float(b), 2),
+            "worst_relative_error": float(np.max(np.abs((a + b * s) / ms - 1)))}
+
+
 def pipeline_speed(lr_path: Path, model: Path, block: list[int], reps: int, device: Any) -> list[dict]:
     import numpy as np
     import torch
@@ -251,6 +293,18 @@ def markdown(payload: dict[str, Any]) -> str:
             f"Bare model computes {r['bare_computed_hr_voxels_per_s']:,.0f} HR voxels/s including the halo; halo "
             f"overhead (computed / useful per interior block) {r['halo_overhead_computed_over_useful']}x; "
             f"pipeline / bare throughput {r['pipeline_over_bare']}. {r['edge_note']}.", ""]
+    if payload.get("dgean_train"):
+        rows = payload["dgean_train"]
+        lines += ["", f"## (d) DGEAN `{rows[0]['preset']}` training step per factor, {rows[0]['batch']} LR patches "
+                      f"{tuple(rows[0]['lr_patch'])}, {rows[0]['variant']}", "",
+                  "| factor | " + " | ".join(str(r["factor"]) for r in rows) + " |",
+                  "|---|" + "---|" * len(rows),
+                  "| ms per step (best) | "
+                  + " | ".join(f"{1000 * r['seconds_per_step_best']:.0f}" for r in rows) + " |"]
+        if "cpu_step_model" in payload:
+            f = payload["cpu_step_model"]
+            lines += ["", f"Fit (`CPU_DGEAN_STEP_MS` in `stages/config.py`): {f['a_ms']} + {f['b_ms']} x factor ms; "
+                          f"worst row off by {100 * f['worst_relative_error']:.0f} %."]
     return "\n".join(lines)
 
 
@@ -265,6 +319,9 @@ def main() -> None:
     p.add_argument("--dgean-factors", type=int, nargs="+", default=[4, 8])
     p.add_argument("--dgean-block", type=int, nargs=3, default=[32, 96, 96],
                    help="LR block; the preset's halo is added around it")
+    p.add_argument("--train-preset", default="medium", help="DGEAN preset of part (d)")
+    p.add_argument("--train-factors", type=int, nargs="*", default=[2, 3, 4, 6, 8, 10],
+                   help="factors of part (d), the training step (none: skip it)")
     p.add_argument("--lr", type=Path, default=WORK / "x4" / "lr.zarr", help="LR volume for the pipeline part")
     p.add_argument("--model", type=Path, default=WORK / "x4" / "dgean", help="DGEAN checkpoint for the pipeline")
     p.add_argument("--pipeline-block", type=int, nargs=3, default=[16, 128, 128])
@@ -295,6 +352,11 @@ def main() -> None:
                                    else {"tiny": 20, "medium": 20, "base": 10, "full": 5}, device)
     if cpu:
         payload["cpu_time_model"] = fit_cpu_time_model(payload["dgean"], torch.get_num_threads())
+    if args.train_factors:
+        payload["dgean_train"] = dgean_train_speed(args.train_preset, args.train_factors, [4, 48, 48], 4,
+                                                   3 if cpu else 10, device)
+        if cpu and len(args.train_factors) > 1:
+            payload["cpu_step_model"] = fit_step_model(payload["dgean_train"])
     if args.model.exists() and args.lr.exists():
         payload["pipeline"] = pipeline_speed(args.lr, args.model, args.pipeline_block, args.pipeline_reps, device)
     else:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import machine_info, print_table, repeat_timed, save  # noqa: E402
+from _bench import dgean_train_step, machine_info, print_table, repeat_timed, save  # noqa: E402
 
 
 def native_bf16(device: Any) -> bool:
@@ -55,7 +55,6 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     import torch
 
     from d2r_dask.models.dgean import DGEAN, dgean_config
-    from d2r_dask.models.losses import hf_loss
     from d2r_dask.models.nafnet import ConditionalNAFNet, nafnet_config
     from d2r_dask.models.precision import channels_last, channels_last_input
 
@@ -67,20 +66,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         inp = channels_last_input if cl else (lambda x: x)
         amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
 
-        torch.manual_seed(0)
-        net = fmt(DGEAN(dgean_config(args.dgean_preset, s, "decimate")).to(device))
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
-        lr = inp(torch.rand(4, 1, args.patch_lr_z, 48, 48, device=device))
-        hr = torch.rand(4, 1, args.patch_lr_z * s, 48, 48, device=device)
-
-        def dgean_step() -> None:
-            with amp():
-                loss = hf_loss(net(lr).float(), hr, weight=0.5)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
+        dgean_step = dgean_train_step(args.dgean_preset, s, (args.patch_lr_z, 48, 48), device,
+                                      channels_last=cl, bf16=bf16)
         rows.append(_timed(f"DGEAN {args.dgean_preset} train step", form, dgean_step, args.reps, sync))
+        torch.manual_seed(0)
+        net = fmt(DGEAN(dgean_config(args.dgean_preset, s, "decimate")).to(device)).eval()
         block = inp(torch.rand(1, 1, *args.block, device=device))
 
         def dgean_infer() -> None:

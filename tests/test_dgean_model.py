@@ -281,6 +281,20 @@ def test_channel_attention_pools_after_the_squeeze_without_changing_the_function
         torch.testing.assert_close(attention(x), reference, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("factor", [2, 3, 8])
+@pytest.mark.parametrize("hr_kernel", [(3, 3, 3), (1, 3, 3), (5, 1, 3), (7, 3, 1)])
+def test_hr_conv_by_phase_equals_shuffle_then_conv(factor: int, hr_kernel: tuple) -> None:
+    """The HR conv computed on LR voxels (per phase) is the textbook one: shuffle the up conv's
+    output to HR slices, then convolve with zero padding; z taps wider than the factor included."""
+    model = _randomise(DGEAN(dgean_config("tiny", factor, hr_kernel=hr_kernel))).eval()
+    f = torch.rand(2, model.cfg.width, 4, 6, 7, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        u = model.act(model.up(f))
+        reference = model.hr_conv(dgean.z_shuffle(u, factor))
+        phased = dgean.hr_conv_by_phase(u[:, model.phase_major], model.hr_conv.weight, model.hr_conv.bias, factor)
+    torch.testing.assert_close(phased, reference, rtol=1e-5, atol=1e-5)
+
+
 def test_thirty_adam_steps_reduce_l1() -> None:
     torch.manual_seed(0)
     s = 4

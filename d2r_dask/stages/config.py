@@ -250,14 +250,14 @@ def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, An
 
 
 AUTO: dict[str, dict[str, dict[str, Any]]] = {
-    # 2 CPU cores: `d2r run` on a 250^3 volume at x4 in 24 minutes (README, "Quality"); DGEAN's
+    # 2 CPU cores: `d2r run` on a 250^3 volume within the 30-minute bound (README, "Quality"); DGEAN's
     # steps are those of x4, scaled to the same CPU time at other factors (cpu_dgean_steps).
     # DGEAN: thin patches (4 LR slices), which were +0.10 dB at x8 and -0.04 at x4 against 8 deep;
-    # medium with channels-last memory (models.precision) and the attention pool after the squeeze
-    # (models.dgean) trains 5000 steps at x4 within the 30-minute bound (in the first layout 3000 steps
-    # took 30.5 minutes); more steps, higher SR (README). No Stage II flips on either device: a
-    # z-flipped copy lifted the x4 pseudo-HR by 0.014 dB but not the SR trained on it (-0.02 dB,
-    # two seeds; README).
+    # medium with channels-last memory (models.precision), the attention pool after the squeeze and
+    # the HR conv computed per phase on LR voxels (models.dgean) trains 5000 steps at x4 well within
+    # the bound (in the first layout 3000 steps took 30.5 minutes); more steps, higher SR at x8, level
+    # at x4 (README). No Stage II flips on either device: a z-flipped copy lifted the x4 pseudo-HR by
+    # 0.014 dB but not the SR trained on it (-0.02 dB, two seeds; README).
     "cpu": {"restorer": {"preset": "tiny", "steps": 2000, "sampler_steps": 1},
             "restore": {"flips": ()},
             "dgean": {"preset": "medium", "steps": 5000, "patch_lr_z": 4}},
@@ -269,15 +269,17 @@ AUTO: dict[str, dict[str, dict[str, Any]]] = {
 }
 """What ``preset: auto`` and the unset steps mean on each device type."""
 
-CPU_DGEAN_STEP_MS = (131.0, 26.8)
-"""A CPU DGEAN training step costs about ``a + b * factor`` ms: the layers after the
-z-upsampling grow with the factor (``medium``, 4 x 48^2 LR patches 4 slices deep, float32
-channels-last, 2 cores: 192 / 213 / 225 / 293 / 349 ms at x2 / x3 / x4 / x6 / x8)."""
+CPU_DGEAN_STEP_MS = (156.0, 15.1)
+"""A CPU DGEAN training step costs about ``a + b * factor`` ms: the upsampling conv and what
+follows grow with the factor (``medium``, 4 x 48^2 LR patches 4 slices deep, float32
+channels-last, 2 cores, at a quiet moment: 194 / 200 / 208 / 244 / 287 / 305 ms at x2 / x3 / x4 /
+x6 / x8 / x10; ``benchmarks/bench_models_speed.py`` part (d) times it). Whole fib25 runs agree:
+Stage III took 1114 s at x4 (5000 steps) and 1124 s at x8 (3900 steps)."""
 
 
 def cpu_dgean_steps(steps_at_x4: int, factor: int) -> int:
     """The DGEAN steps at ``factor`` that take a CPU as long as ``steps_at_x4`` at x4 (to the
-    nearest 100), so ``d2r run``'s time on a CPU does not grow with the factor (x8: 0.69x the steps)."""
+    nearest 100), so ``d2r run``'s time on a CPU does not grow with the factor (x8: 0.78x the steps)."""
     a, b = CPU_DGEAN_STEP_MS
     return max(100, round(steps_at_x4 * (a + 4 * b) / (a + factor * b) / 100) * 100)
 

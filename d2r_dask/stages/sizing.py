@@ -10,13 +10,14 @@ of the memory per worker, at most 4 GiB (tiny: blocks of about a minute on 2 cor
 preset, halo 30, cannot reach a low overhead in CPU memory and is slow there anyway).
 
 The memory model counts the largest tensors alive at once (the upsampling convolution's
-``factor x width`` channels, their shuffled copy and activation, the HR output), x1.5 for
+``factor x width`` channels and their activation, the HR output), x1.5 for
 convolution workspaces (on a CPU within 10-20 % of the peak RSS measured for base and
 full). The time model is per computed HR voxel (halo included): on a CPU a memory-bound floor
 plus the convolutions' flops at a fitted rate, fitted by ``benchmarks/bench_models_speed.py``
 (``benchmarks/results/models_speed.json``: 2 cores, float32 channels-last as Stage IV runs,
-tiny/medium/base at x4 and x8 within 16 %; for fib25's Stage IV with the CPU default it
-estimates 42 s at x4 and 33 s at x8, measured 45 s and 33 s); on a GPU an assumed 100 TFLOP/s
+tiny/medium/base at x4 and x8 within 23 %, on a shared machine under varying load; for fib25's
+Stage IV with the CPU default it estimates 38 s at x4 and 30 s at x8, measured 43 s and 29 s in
+the same session's runs); on a GPU an assumed 100 TFLOP/s
 of bf16 convolution, not yet measured.
 """
 
@@ -32,8 +33,8 @@ TARGET_OVERHEAD = {"cuda": 1.3, "cpu": 1.5}
 """The halo overhead each device type aims for."""
 CPU_BLOCK_BYTES = 4 << 30
 GPU_MEMORY_FRACTION = 0.6
-CPU_SECONDS_PER_VOXEL_CORE = 2.1e-7  # memory-bound floor per HR voxel, one core
-CPU_FLOPS_PER_CORE = 54e9
+CPU_SECONDS_PER_VOXEL_CORE = 2.0e-7  # memory-bound floor per HR voxel, one core
+CPU_FLOPS_PER_CORE = 60e9
 GPU_FLOPS = 100e12  # assumed, not measured
 GPU_SECONDS_PER_VOXEL = 0.2e-9
 
